@@ -1,0 +1,31 @@
+# Makefile for cachekit (PGXS)
+#
+#   make && make install          build and install into the pg_config in PATH
+#   make installcheck             pg_regress (private server) and TAP tests
+#
+# The extension version lives only in cachekit.control.
+
+EXTENSION = cachekit
+EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
+
+MODULE_big = cachekit
+OBJS = src/cachekit.o src/template.o src/trigger.o src/queue.o src/deliver.o src/worker.o src/redis.o
+DATA = $(wildcard sql/$(EXTENSION)--*.sql)
+PGFILEDESC = "cachekit - Redis cache invalidation from PostgreSQL"
+
+PG_CPPFLAGS = -I$(srcdir)/src
+PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
+SHLIB_LINK = -lhiredis
+
+REGRESS = template invalidate manual settings
+REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
+
+TAP_TESTS = 1
+PROVE_TESTS = $(wildcard test/t/*.pl)
+PROVE_FLAGS = -I $(srcdir)/test/perl --verbose
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+EXTRA_CLEAN = tmp_check_regress

@@ -1,0 +1,135 @@
+/* sql/cachekit--0.1.0.sql: objects of cachekit 0.1.0 */
+
+\echo Use "CREATE EXTENSION cachekit" to load this file. \quit
+
+-- The durable queue. Triggers and the manual functions insert here inside
+-- the writing transaction; the background worker reads committed entries in
+-- id order, delivers them to Redis and deletes them once Redis answered.
+--   kind 'i': delete every key in keys, flush every tag in tags
+--   kind 'w': SET keys[1] to value (EX ttl when ttl > 0), SADD it to tags
+--   kind 'd': delete keys[1] and SREM it from tags
+CREATE TABLE cachekit_queue (
+	id bigserial PRIMARY KEY,
+	kind "char" NOT NULL CHECK (kind IN ('i', 'w', 'd')),
+	keys text[] NOT NULL,
+	tags text[] NOT NULL DEFAULT '{}',
+	value text,
+	ttl integer NOT NULL DEFAULT 0,
+	attempts integer NOT NULL DEFAULT 0,
+	last_error text,
+	enqueued_at timestamptz NOT NULL DEFAULT now()
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+		autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000);
+REVOKE ALL ON cachekit_queue FROM PUBLIC;
+REVOKE ALL ON SEQUENCE cachekit_queue_id_seq FROM PUBLIC;
+
+-- Entries Redis refused cachekit.max_attempts times, kept for inspection and
+-- replay with cachekit_replay_dead_letters().
+CREATE TABLE cachekit_dead_letter (
+	id bigint PRIMARY KEY,
+	kind "char" NOT NULL,
+	keys text[] NOT NULL,
+	tags text[] NOT NULL,
+	value text,
+	ttl integer NOT NULL,
+	attempts integer NOT NULL,
+	error text NOT NULL,
+	enqueued_at timestamptz NOT NULL,
+	failed_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON cachekit_dead_letter FROM PUBLIC;
+
+CREATE FUNCTION cachekit_invalidate()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'cachekit_invalidate'
+LANGUAGE C;
+
+CREATE FUNCTION cachekit_write_through()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'cachekit_write_through'
+LANGUAGE C;
+
+CREATE FUNCTION cachekit_delete(VARIADIC keys text[])
+RETURNS void
+AS 'MODULE_PATHNAME', 'cachekit_delete'
+LANGUAGE C STRICT VOLATILE;
+
+CREATE FUNCTION cachekit_flush_tag(VARIADIC tags text[])
+RETURNS void
+AS 'MODULE_PATHNAME', 'cachekit_flush_tag'
+LANGUAGE C STRICT VOLATILE;
+
+CREATE FUNCTION cachekit_wait(timeout interval DEFAULT '10 seconds')
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cachekit_wait'
+LANGUAGE C STRICT VOLATILE;
+
+-- Moves dead letters back into the queue (all, or those with the given ids).
+CREATE FUNCTION cachekit_replay_dead_letters(ids bigint[] DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+AS $$
+	WITH moved AS (
+		DELETE FROM @extschema@.cachekit_dead_letter
+		WHERE ids IS NULL OR id = ANY (ids)
+		RETURNING kind, keys, tags, value, ttl, enqueued_at
+	), queued AS (
+		INSERT INTO @extschema@.cachekit_queue (kind, keys, tags, value, ttl, enqueued_at)
+		SELECT kind, keys, tags, value, ttl, enqueued_at FROM moved ORDER BY enqueued_at
+		RETURNING 1
+	)
+	SELECT count(*) FROM queued;
+$$;
+
+CREATE FUNCTION cachekit_worker_state(
+	OUT keys_deleted bigint,
+	OUT tags_flushed bigint,
+	OUT tag_keys_deleted bigint,
+	OUT keys_written bigint,
+	OUT values_too_large bigint,
+	OUT entries_delivered bigint,
+	OUT failed_attempts bigint,
+	OUT dead_lettered bigint,
+	OUT last_error text,
+	OUT last_error_at timestamptz,
+	OUT last_delivery_at timestamptz,
+	OUT redis_connected boolean,
+	OUT worker_pid integer)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cachekit_worker_state'
+LANGUAGE C STRICT VOLATILE;
+
+-- One row: the queue as this database sees it and the worker's counters
+-- since the server started. Runs with its owner's rights, so it can be
+-- granted to monitoring roles without access to the queue itself.
+CREATE VIEW cachekit_stats AS
+SELECT q.queue_depth,
+	   now() - q.oldest_enqueued_at AS oldest_entry_age,
+	   q.oldest_enqueued_at,
+	   (SELECT count(*) FROM @extschema@.cachekit_dead_letter) AS dead_letters,
+	   w.keys_deleted,
+	   w.tags_flushed,
+	   w.tag_keys_deleted,
+	   w.keys_written,
+	   w.values_too_large,
+	   w.entries_delivered,
+	   w.failed_attempts,
+	   w.dead_lettered,
+	   w.last_error,
+	   w.last_error_at,
+	   w.last_delivery_at,
+	   w.redis_connected,
+	   w.worker_pid
+FROM (SELECT count(*) AS queue_depth, min(enqueued_at) AS oldest_enqueued_at
+	  FROM @extschema@.cachekit_queue) AS q,
+	 @extschema@.cachekit_worker_state() AS w;
+
+-- Nobody but the owner may create caching triggers or enqueue work until
+-- granted: a trigger can delete or overwrite any key in Redis.
+REVOKE ALL ON FUNCTION cachekit_invalidate() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cachekit_write_through() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cachekit_delete(text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cachekit_flush_tag(text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cachekit_wait(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cachekit_replay_dead_letters(bigint[]) FROM PUBLIC;
+REVOKE ALL ON cachekit_stats FROM PUBLIC;

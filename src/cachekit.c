@@ -1,0 +1,306 @@
+/*-------------------------------------------------------------------------
+ *
+ * cachekit.c
+ *	  Module start-up: settings, shared memory, and the worker's counters.
+ *
+ * The shared state is one CachekitShared struct. Counters are atomics that
+ * only the worker increments; the other fields are guarded by its spinlock.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cachekit.h"
+
+#include "access/htup_details.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+
+PG_MODULE_MAGIC;
+
+/*---- GUC variables ----*/
+
+char	   *ck_redis_url = NULL;
+char	   *ck_database = NULL;
+char	   *ck_tag_prefix = NULL;
+int			ck_batch_size = 1000;
+int			ck_retry_max_delay = 2000;
+int			ck_connect_timeout = 2000;
+int			ck_command_timeout = 5000;
+int			ck_max_attempts = 5;
+int			ck_max_value_bytes = 512 * 1024;
+
+/*---- shared state ----*/
+
+CachekitShared *ck_shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+void		_PG_init(void);
+static void ck_shmem_request(void);
+static void ck_shmem_startup(void);
+static bool check_redis_url(char **newval, void **extra, GucSource source);
+static bool check_tag_prefix(char **newval, void **extra, GucSource source);
+
+PG_FUNCTION_INFO_V1(cachekit_worker_state);
+
+/* Module load: define settings, ask for shared memory, register the worker. */
+void
+_PG_init(void)
+{
+	if (IsBinaryUpgrade)
+		return;
+
+	if (!process_shared_preload_libraries_in_progress)
+	{
+		/*
+		 * Loaded into one backend by CREATE EXTENSION or a function call:
+		 * the functions refuse to work without the shared state, with a hint.
+		 */
+		return;
+	}
+
+	DefineCustomStringVariable("cachekit.redis_url",
+							   "Redis server the worker delivers to.",
+							   "redis://[[user]:password@]host[:port][/db]. Only superusers can see it, as it may hold a password.",
+							   &ck_redis_url,
+							   "redis://127.0.0.1:6379/0",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   check_redis_url, NULL, NULL);
+
+	DefineCustomStringVariable("cachekit.database",
+							   "Database whose queue the worker serves.",
+							   NULL,
+							   &ck_database,
+							   "postgres",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("cachekit.tag_prefix",
+							   "Prefix of the Redis sets that list a tag's keys.",
+							   NULL,
+							   &ck_tag_prefix,
+							   "tag:",
+							   PGC_SIGHUP,
+							   0,
+							   check_tag_prefix, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.batch_size",
+							"Queue entries the worker delivers in one pipelined batch.",
+							NULL,
+							&ck_batch_size,
+							1000, 1, 100000,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.retry_max_delay",
+							"Longest wait between two delivery attempts while Redis fails.",
+							NULL,
+							&ck_retry_max_delay,
+							2000, 10, 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.connect_timeout",
+							"Time allowed to connect to Redis.",
+							NULL,
+							&ck_connect_timeout,
+							2000, 10, 600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.command_timeout",
+							"Time allowed for Redis to answer a batch.",
+							NULL,
+							&ck_command_timeout,
+							5000, 10, 600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.max_attempts",
+							"Attempts Redis may refuse an entry before it moves to cachekit_dead_letter.",
+							NULL,
+							&ck_max_attempts,
+							5, 1, 1000000,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.max_value_bytes",
+							"Largest value write-through sends; larger rows delete their key instead.",
+							NULL,
+							&ck_max_value_bytes,
+							512 * 1024, 1, 512 * 1024 * 1024,
+							PGC_SIGHUP,
+							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("cachekit");
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = ck_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = ck_shmem_startup;
+
+	ck_queue_init();
+	ck_register_worker();
+}
+
+/* Ask for the shared state. */
+static void
+ck_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(CachekitShared)));
+}
+
+/* Create or attach to the shared state. */
+static void
+ck_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	ck_shared = ShmemInitStruct("cachekit", sizeof(CachekitShared), &found);
+	if (!found)
+	{
+		memset(ck_shared, 0, sizeof(CachekitShared));
+		SpinLockInit(&ck_shared->mutex);
+		ConditionVariableInit(&ck_shared->delivered_cv);
+		pg_atomic_init_u64(&ck_shared->keys_deleted, 0);
+		pg_atomic_init_u64(&ck_shared->tags_flushed, 0);
+		pg_atomic_init_u64(&ck_shared->tag_keys_deleted, 0);
+		pg_atomic_init_u64(&ck_shared->keys_written, 0);
+		pg_atomic_init_u64(&ck_shared->values_too_large, 0);
+		pg_atomic_init_u64(&ck_shared->entries_delivered, 0);
+		pg_atomic_init_u64(&ck_shared->failed_attempts, 0);
+		pg_atomic_init_u64(&ck_shared->dead_lettered, 0);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/* Reject a malformed Redis URL when it is set, without echoing it. */
+static bool
+check_redis_url(char **newval, void **extra, GucSource source)
+{
+	CkRedisUrl	url;
+	char	   *err = NULL;
+
+	if (*newval == NULL || ck_parse_redis_url(*newval, &url, &err))
+		return true;
+	GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+	GUC_check_errmsg("invalid cachekit.redis_url: %s", err);
+	GUC_check_errhint("The form is redis://[[user]:password@]host[:port][/db].");
+	return false;
+}
+
+/* A tag prefix may be empty but must not hold a NUL-less oddity: any text. */
+static bool
+check_tag_prefix(char **newval, void **extra, GucSource source)
+{
+	return *newval != NULL;
+}
+
+/* Wake the worker, if one is running. */
+void
+ck_wake_worker(void)
+{
+	Latch	   *latch;
+
+	if (ck_shared == NULL)
+		return;
+	SpinLockAcquire(&ck_shared->mutex);
+	latch = ck_shared->worker_latch;
+	SpinLockRelease(&ck_shared->mutex);
+	if (latch)
+		SetLatch(latch);
+}
+
+/* Record the worker's most recent error for cachekit_stats. */
+void
+ck_set_last_error(const char *msg)
+{
+	SpinLockAcquire(&ck_shared->mutex);
+	strlcpy(ck_shared->last_error, msg, CK_ERROR_LEN);
+	ck_shared->last_error_at = GetCurrentTimestamp();
+	SpinLockRelease(&ck_shared->mutex);
+}
+
+/* cachekit_worker_state(): the worker's counters, behind cachekit_stats. */
+Datum
+cachekit_worker_state(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[13];
+	bool		nulls[13];
+	char		last_error[CK_ERROR_LEN];
+	TimestampTz last_error_at;
+	TimestampTz last_delivery_at;
+	bool		connected;
+	int			pid;
+	int			i = 0;
+
+	if (ck_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cachekit is not loaded"),
+				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	SpinLockAcquire(&ck_shared->mutex);
+	strlcpy(last_error, ck_shared->last_error, CK_ERROR_LEN);
+	last_error_at = ck_shared->last_error_at;
+	last_delivery_at = ck_shared->last_delivery_at;
+	connected = ck_shared->connected;
+	pid = ck_shared->worker_pid;
+	SpinLockRelease(&ck_shared->mutex);
+
+	memset(nulls, 0, sizeof(nulls));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->keys_deleted));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->tags_flushed));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->tag_keys_deleted));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->keys_written));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->values_too_large));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->entries_delivered));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->failed_attempts));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->dead_lettered));
+	if (last_error[0] != '\0')
+		values[i] = CStringGetTextDatum(last_error);
+	else
+		nulls[i] = true;
+	i++;
+	if (last_error_at != 0)
+		values[i] = TimestampTzGetDatum(last_error_at);
+	else
+		nulls[i] = true;
+	i++;
+	if (last_delivery_at != 0)
+		values[i] = TimestampTzGetDatum(last_delivery_at);
+	else
+		nulls[i] = true;
+	i++;
+	values[i++] = BoolGetDatum(connected);
+	if (pid != 0)
+		values[i] = Int32GetDatum(pid);
+	else
+		nulls[i] = true;
+	i++;
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}

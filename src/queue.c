@@ -1,0 +1,325 @@
+/*-------------------------------------------------------------------------
+ *
+ * queue.c
+ *	  Enqueueing work inside the writing transaction, waking the worker at
+ *	  commit, and the SQL functions cachekit_delete, cachekit_flush_tag and
+ *	  cachekit_wait.
+ *
+ * Entries are rows of cachekit_queue, inserted through one kept SPI plan as
+ * the table's owner: roles that write watched tables need no grant on the
+ * queue. Nothing here touches the network.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cachekit.h"
+
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/wait_event.h"
+
+/* did this transaction enqueue anything? then wake the worker at commit */
+static bool enqueued_in_xact = false;
+
+/* the kept INSERT plan and the schema it was made for */
+static SPIPlanPtr insert_plan = NULL;
+static Oid	insert_plan_nsp = InvalidOid;
+
+PG_FUNCTION_INFO_V1(cachekit_delete);
+PG_FUNCTION_INFO_V1(cachekit_flush_tag);
+PG_FUNCTION_INFO_V1(cachekit_wait);
+
+/* Transaction callback: wake the worker when enqueued work commits. */
+static void
+ck_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (enqueued_in_xact)
+				ck_wake_worker();
+			enqueued_in_xact = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			/* a prepared transaction is found by the worker's safety timer */
+			enqueued_in_xact = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/* Called from _PG_init: install the commit callback in every backend. */
+void
+ck_queue_init(void)
+{
+	RegisterXactCallback(ck_xact_callback, NULL);
+}
+
+/* Remember that the current transaction has work for the worker. */
+void
+ck_note_enqueued(void)
+{
+	enqueued_in_xact = true;
+}
+
+/* Fail clearly when the library was not preloaded: nothing would deliver. */
+static void
+ck_require_preload(void)
+{
+	if (ck_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cachekit is not loaded through shared_preload_libraries"),
+				 errdetail("Without its background worker nothing would reach Redis."),
+				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
+}
+
+/* The schema the extension lives in: that of one of its functions. */
+Oid
+ck_extension_schema(Oid fn_oid)
+{
+	ck_require_preload();
+	return get_func_namespace(fn_oid);
+}
+
+/* The queue table of the extension in schema nspid. */
+static Oid
+ck_queue_relid(Oid nspid)
+{
+	Oid			relid = get_relname_relid(CK_QUEUE_TABLE, nspid);
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("cachekit queue table \"%s.%s\" does not exist",
+						get_namespace_name(nspid), CK_QUEUE_TABLE),
+				 errhint("Recreate the extension with DROP EXTENSION cachekit; CREATE EXTENSION cachekit;")));
+	return relid;
+}
+
+/* Build a text[] from a List of C strings. */
+static Datum
+ck_text_array(List *items)
+{
+	int			n = list_length(items);
+	Datum	   *elems = palloc(sizeof(Datum) * (n > 0 ? n : 1));
+	ListCell   *lc;
+	int			i = 0;
+
+	foreach(lc, items)
+		elems[i++] = CStringGetTextDatum((char *) lfirst(lc));
+	return PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+/*
+ * Insert one queue entry in the current transaction.
+ * keys and tags are Lists of C strings; value may be NULL.
+ */
+void
+ck_enqueue(Oid nspid, char kind, List *keys, List *tags, const char *value, int ttl)
+{
+	Oid			relid = ck_queue_relid(nspid);
+	Oid			owner;
+	Oid			save_userid;
+	int			save_sec_context;
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	HeapTuple	reltup;
+	int			rc;
+
+	reltup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(reltup))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(reltup))->relowner;
+	ReleaseSysCache(reltup);
+
+	values[0] = CharGetDatum(kind);
+	values[1] = ck_text_array(keys);
+	values[2] = ck_text_array(tags);
+	if (value)
+		values[3] = CStringGetTextDatum(value);
+	else
+	{
+		values[3] = (Datum) 0;
+		nulls[3] = 'n';
+	}
+	values[4] = Int32GetDatum(ttl);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	if (insert_plan == NULL || insert_plan_nsp != nspid)
+	{
+		Oid			argtypes[5] = {CHAROID, TEXTARRAYOID, TEXTARRAYOID, TEXTOID, INT4OID};
+		char	   *sql;
+		SPIPlanPtr	plan;
+
+		sql = psprintf("INSERT INTO %s.%s (kind, keys, tags, value, ttl) VALUES ($1, $2, $3, $4, $5)",
+					   quote_identifier(get_namespace_name(nspid)), CK_QUEUE_TABLE);
+		plan = SPI_prepare(sql, 5, argtypes);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		if (insert_plan)
+			SPI_freeplan(insert_plan);
+		insert_plan = NULL;
+		SPI_keepplan(plan);
+		insert_plan = plan;
+		insert_plan_nsp = nspid;
+	}
+
+	/* write as the queue's owner: writers need no grant on the queue */
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(owner, save_sec_context |
+						   SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "cachekit could not enqueue: %s", SPI_result_code_string(rc));
+
+	SPI_finish();
+	ck_note_enqueued();
+}
+
+/* Turn a text[] argument into a List of C strings, refusing NULL elements. */
+static List *
+ck_array_to_list(ArrayType *arr, const char *what)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	List	   *result = NIL;
+
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("%s must be a one-dimensional array", what)));
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+	for (int i = 0; i < n; i++)
+	{
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s must not contain NULL", what),
+					 errdetail("Element %d is NULL.", i + 1)));
+		result = lappend(result, TextDatumGetCString(elems[i]));
+	}
+	return result;
+}
+
+/* cachekit_delete(VARIADIC keys text[]): delete keys when this transaction commits. */
+Datum
+cachekit_delete(PG_FUNCTION_ARGS)
+{
+	List	   *keys = ck_array_to_list(PG_GETARG_ARRAYTYPE_P(0), "keys");
+	Oid			nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+
+	if (keys != NIL)
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, NIL, NULL, 0);
+	PG_RETURN_VOID();
+}
+
+/* cachekit_flush_tag(VARIADIC tags text[]): flush tags when this transaction commits. */
+Datum
+cachekit_flush_tag(PG_FUNCTION_ARGS)
+{
+	List	   *tags = ck_array_to_list(PG_GETARG_ARRAYTYPE_P(0), "tags");
+	Oid			nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+
+	if (tags != NIL)
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, NIL, tags, NULL, 0);
+	PG_RETURN_VOID();
+}
+
+/*
+ * Does the queue still hold an entry that had committed when snapshot
+ * "start" was taken? Entries of this transaction, and of transactions that
+ * were still running at "start", do not count.
+ */
+static bool
+ck_work_pending(Oid relid, Snapshot start)
+{
+	Relation	rel;
+	Snapshot	snap;
+	TableScanDesc scan;
+	HeapTuple	tuple;
+	bool		found = false;
+
+	rel = try_relation_open(relid, AccessShareLock);
+	if (rel == NULL)
+		return false;			/* the extension was dropped meanwhile */
+
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snap, 0, NULL);
+	while ((tuple = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		TransactionId xmin = HeapTupleHeaderGetXmin(tuple->t_data);
+
+		if (TransactionIdIsCurrentTransactionId(xmin))
+			continue;
+		if (XidInMVCCSnapshot(xmin, start))
+			continue;
+		found = true;
+		break;
+	}
+	table_endscan(scan);
+	UnregisterSnapshot(snap);
+	/* release the lock at once: waiting must not block DROP EXTENSION */
+	relation_close(rel, AccessShareLock);
+	return found;
+}
+
+/* cachekit_wait(timeout interval): wait until work committed before the call is delivered. */
+Datum
+cachekit_wait(PG_FUNCTION_ARGS)
+{
+	Interval   *timeout = PG_GETARG_INTERVAL_P(0);
+	Oid			nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+	Oid			relid = ck_queue_relid(nspid);
+	int64		timeout_us;
+	TimestampTz deadline;
+	Snapshot	start;
+	bool		done;
+
+	timeout_us = ((int64) timeout->month * DAYS_PER_MONTH + timeout->day) * USECS_PER_DAY
+		+ timeout->time;
+	if (timeout_us < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("cachekit_wait timeout must not be negative")));
+	deadline = GetCurrentTimestamp() + timeout_us;
+
+	start = RegisterSnapshot(GetLatestSnapshot());
+	ck_wake_worker();
+	for (;;)
+	{
+		TimestampTz now;
+		long		left_ms;
+
+		done = !ck_work_pending(relid, start);
+		if (done)
+			break;
+		now = GetCurrentTimestamp();
+		if (now >= deadline)
+			break;
+		left_ms = (long) ((deadline - now + 999) / 1000);
+		/* the worker broadcasts after every batch; poll slowly as a fallback */
+		ConditionVariableTimedSleep(&ck_shared->delivered_cv, Min(left_ms, 100),
+									PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+	UnregisterSnapshot(start);
+	PG_RETURN_BOOL(done);
+}

@@ -1,0 +1,405 @@
+/*-------------------------------------------------------------------------
+ *
+ * redis.c
+ *	  The Redis client of the worker, on hiredis: parsing cachekit.redis_url,
+ *	  connecting (AUTH, SELECT, timeouts), and pipelined commands.
+ *
+ * This is the only file that includes hiredis. Commands are always sent as
+ * binary-safe argument vectors, never through a format string. Messages
+ * never contain the password.
+ *
+ * Written for hiredis 0.14 (Debian 12): no redisConnectWithOptions, and the
+ * timeouts are set again after every connect.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cachekit.h"
+
+#include <hiredis/hiredis.h>
+
+static redisContext *conn = NULL;
+
+/* The value of a hex digit, or -1. */
+static int
+hex_digit_value(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* Decode %XX escapes of one URL part into a new string; NULL if malformed. */
+static char *
+ck_url_decode(const char *s, int len)
+{
+	char	   *out = palloc(len + 1);
+	int			o = 0;
+
+	for (int i = 0; i < len; i++)
+	{
+		if (s[i] == '%')
+		{
+			int			hi,
+						lo;
+
+			if (i + 2 >= len)
+				return NULL;
+			hi = hex_digit_value(s[i + 1]);
+			lo = hex_digit_value(s[i + 2]);
+			if (hi < 0 || lo < 0 || (hi == 0 && lo == 0))
+				return NULL;
+			out[o++] = (char) (hi * 16 + lo);
+			i += 2;
+		}
+		else
+			out[o++] = s[i];
+	}
+	out[o] = '\0';
+	return out;
+}
+
+/* Parse a decimal number in [min, max] from s[0..len); false if it is not one. */
+static bool
+ck_parse_number(const char *s, int len, long min, long max, long *out)
+{
+	long		v = 0;
+
+	if (len <= 0 || len > 10)
+		return false;
+	for (int i = 0; i < len; i++)
+	{
+		if (s[i] < '0' || s[i] > '9')
+			return false;
+		v = v * 10 + (s[i] - '0');
+	}
+	if (v < min || v > max)
+		return false;
+	*out = v;
+	return true;
+}
+
+/*
+ * Parse redis://[[user]:password@]host[:port][/db].
+ * On failure returns false and sets *errmsg (never containing the password).
+ */
+bool
+ck_parse_redis_url(const char *url, CkRedisUrl *out, char **errmsg)
+{
+	const char *p;
+	const char *at;
+	const char *hostend;
+	const char *slash;
+	long		num;
+
+	memset(out, 0, sizeof(CkRedisUrl));
+	out->port = 6379;
+
+	if (strncmp(url, "rediss://", 9) == 0)
+	{
+		*errmsg = "TLS (rediss://) is not supported by this build";
+		return false;
+	}
+	if (strncmp(url, "redis://", 8) != 0)
+	{
+		*errmsg = "it must start with redis://";
+		return false;
+	}
+	p = url + 8;
+
+	/* the credentials end at the last '@' before the path */
+	slash = strchr(p, '/');
+	at = NULL;
+	for (const char *q = p; *q && (slash == NULL || q < slash); q++)
+		if (*q == '@')
+			at = q;
+	if (at)
+	{
+		const char *colon = memchr(p, ':', at - p);
+
+		if (colon == NULL)
+		{
+			*errmsg = "the credentials must be user:password@ or :password@";
+			return false;
+		}
+		if (colon > p)
+		{
+			out->user = ck_url_decode(p, colon - p);
+			if (out->user == NULL)
+			{
+				*errmsg = "the user name has a malformed %-escape";
+				return false;
+			}
+		}
+		out->password = ck_url_decode(colon + 1, at - colon - 1);
+		if (out->password == NULL)
+		{
+			*errmsg = "the password has a malformed %-escape";
+			return false;
+		}
+		p = at + 1;
+	}
+
+	/* host: a name, an IPv4 address, or [IPv6] */
+	if (*p == '[')
+	{
+		const char *close = strchr(p, ']');
+
+		if (close == NULL || close == p + 1)
+		{
+			*errmsg = "an IPv6 host must be written [address]";
+			return false;
+		}
+		out->host = pnstrdup(p + 1, close - p - 1);
+		hostend = close + 1;
+	}
+	else
+	{
+		hostend = p;
+		while (*hostend && *hostend != ':' && *hostend != '/')
+			hostend++;
+		if (hostend == p)
+		{
+			*errmsg = "the host is missing";
+			return false;
+		}
+		out->host = pnstrdup(p, hostend - p);
+	}
+	p = hostend;
+
+	if (*p == ':')
+	{
+		const char *end = p + 1;
+
+		while (*end && *end != '/')
+			end++;
+		if (!ck_parse_number(p + 1, end - p - 1, 1, 65535, &num))
+		{
+			*errmsg = "the port must be a number from 1 to 65535";
+			return false;
+		}
+		out->port = (int) num;
+		p = end;
+	}
+	if (*p == '/')
+	{
+		const char *end = p + 1 + strlen(p + 1);
+
+		if (end > p + 1)
+		{
+			if (!ck_parse_number(p + 1, end - p - 1, 0, INT_MAX, &num))
+			{
+				*errmsg = "the database must be a number";
+				return false;
+			}
+			out->db = (int) num;
+		}
+		p = end;
+	}
+	if (*p != '\0')
+	{
+		*errmsg = "unexpected text after the host";
+		return false;
+	}
+	return true;
+}
+
+/* Milliseconds as a struct timeval. */
+static struct timeval
+ck_timeval(int ms)
+{
+	struct timeval tv;
+
+	tv.tv_sec = ms / 1000;
+	tv.tv_usec = (ms % 1000) * 1000;
+	return tv;
+}
+
+/* Run one command on the fresh connection; false with *errmsg on failure. */
+static bool
+ck_redis_setup_command(int argc, const char **argv, const char *what, char **errmsg)
+{
+	redisReply *reply;
+	size_t		lens[3];
+
+	for (int i = 0; i < argc; i++)
+		lens[i] = strlen(argv[i]);
+	reply = redisCommandArgv(conn, argc, argv, lens);
+	if (reply == NULL)
+	{
+		*errmsg = psprintf("%s failed: %s", what, conn->errstr);
+		return false;
+	}
+	if (reply->type == REDIS_REPLY_ERROR)
+	{
+		*errmsg = psprintf("%s failed: %s", what, reply->str);
+		freeReplyObject(reply);
+		return false;
+	}
+	freeReplyObject(reply);
+	return true;
+}
+
+/*
+ * Connect to Redis, authenticate and select the database.
+ * On failure returns false with *errmsg set and no connection.
+ */
+bool
+ck_redis_connect(const CkRedisUrl *url, char **errmsg)
+{
+	struct timeval tv;
+
+	ck_redis_disconnect();
+
+	tv = ck_timeval(ck_connect_timeout);
+	conn = redisConnectWithTimeout(url->host, url->port, tv);
+	if (conn == NULL)
+	{
+		*errmsg = pstrdup("out of memory creating the Redis connection");
+		return false;
+	}
+	if (conn->err)
+	{
+		*errmsg = psprintf("could not connect to %s:%d: %s", url->host, url->port, conn->errstr);
+		ck_redis_disconnect();
+		return false;
+	}
+	tv = ck_timeval(ck_command_timeout);
+	if (redisSetTimeout(conn, tv) != REDIS_OK)
+	{
+		*errmsg = psprintf("could not set the command timeout: %s", conn->errstr);
+		ck_redis_disconnect();
+		return false;
+	}
+	if (redisEnableKeepAlive(conn) != REDIS_OK)
+	{
+		*errmsg = psprintf("could not enable keepalive: %s", conn->errstr);
+		ck_redis_disconnect();
+		return false;
+	}
+
+	if (url->password)
+	{
+		const char *argv[3];
+		int			argc = 0;
+
+		argv[argc++] = "AUTH";
+		if (url->user)
+			argv[argc++] = url->user;
+		argv[argc++] = url->password;
+		if (!ck_redis_setup_command(argc, argv, "AUTH", errmsg))
+		{
+			ck_redis_disconnect();
+			return false;
+		}
+	}
+	if (url->db != 0)
+	{
+		const char *argv[2];
+		char		dbstr[16];
+
+		snprintf(dbstr, sizeof(dbstr), "%d", url->db);
+		argv[0] = "SELECT";
+		argv[1] = dbstr;
+		if (!ck_redis_setup_command(2, argv, "SELECT", errmsg))
+		{
+			ck_redis_disconnect();
+			return false;
+		}
+	}
+	else
+	{
+		const char *argv[1] = {"PING"};
+
+		/* catches NOAUTH now rather than at the first batch */
+		if (!ck_redis_setup_command(1, argv, "PING", errmsg))
+		{
+			ck_redis_disconnect();
+			return false;
+		}
+	}
+	return true;
+}
+
+/* Close the connection, if any. */
+void
+ck_redis_disconnect(void)
+{
+	if (conn)
+		redisFree(conn);
+	conn = NULL;
+}
+
+/* Is there a usable connection? */
+bool
+ck_redis_connected(void)
+{
+	return conn != NULL && conn->err == 0;
+}
+
+/* Queue one command in the pipeline (nothing is sent yet). */
+void
+ck_redis_append(int argc, const char **argv, const size_t *argvlen)
+{
+	if (redisAppendCommandArgv(conn, argc, argv, argvlen) != REDIS_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not build a Redis command: %s", conn->errstr)));
+}
+
+/* Is a Redis error reply one that will go away by itself? */
+static bool
+ck_error_is_transient(const char *msg)
+{
+	static const char *const transient[] = {
+		"LOADING", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN",
+		"READONLY", "NOREPLICAS", "NOAUTH", "WRONGPASS", "NOPERM", NULL
+	};
+
+	for (int i = 0; transient[i]; i++)
+	{
+		size_t		len = strlen(transient[i]);
+
+		if (strncmp(msg, transient[i], len) == 0 && (msg[len] == ' ' || msg[len] == '\0'))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Read the next reply of the pipeline (sending what is queued first).
+ * Returns false on a connection failure (*errmsg set; the connection is
+ * closed), else fills *reply.
+ */
+bool
+ck_redis_read(CkReply *reply, char **errmsg)
+{
+	redisReply *r = NULL;
+
+	memset(reply, 0, sizeof(CkReply));
+	if (redisGetReply(conn, (void **) &r) != REDIS_OK || r == NULL)
+	{
+		*errmsg = psprintf("lost the connection to Redis: %s",
+						   conn->errstr[0] ? conn->errstr : "no reply");
+		if (r)
+			freeReplyObject(r);
+		ck_redis_disconnect();
+		return false;
+	}
+	if (r->type == REDIS_REPLY_ERROR)
+	{
+		reply->error = pnstrdup(r->str, r->len);
+		reply->status = ck_error_is_transient(reply->error) ? CK_REPLY_TRANSIENT : CK_REPLY_ERROR;
+	}
+	else
+	{
+		reply->status = CK_REPLY_OK;
+		if (r->type == REDIS_REPLY_INTEGER)
+			reply->integer = r->integer;
+	}
+	freeReplyObject(r);
+	return true;
+}

@@ -1,0 +1,431 @@
+/*-------------------------------------------------------------------------
+ *
+ * trigger.c
+ *	  The trigger functions cachekit_invalidate and cachekit_write_through.
+ *
+ * A trigger's arguments are parsed and bound to its table once, at its
+ * first row, and kept per backend in a hash table keyed by trigger OID.
+ * A relcache invalidation of the table (ALTER TABLE, CREATE OR REPLACE
+ * TRIGGER, DROP TRIGGER) throws the parsed form away. Each fired row renders
+ * its keys and tags and enqueues one entry; the trigger never talks to Redis.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cachekit.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+
+/* which trigger function a configuration was parsed for */
+typedef enum CkTriggerKind
+{
+	CK_TRIGGER_INVALIDATE,
+	CK_TRIGGER_WRITE_THROUGH
+} CkTriggerKind;
+
+/* one trigger's parsed arguments, bound to its table */
+typedef struct CkTriggerConfig
+{
+	Oid			tgoid;			/* hash key */
+	Oid			relid;
+	bool		valid;
+	MemoryContext cxt;			/* holds everything below */
+	int			nkeys;
+	CkTemplate *keys;
+	int			ntags;
+	CkTemplate *tags;
+	int			ttl;			/* write-through: seconds, 0 for none */
+	int			ncolumns;		/* write-through: columns of the value */
+	AttrNumber *columns;
+} CkTriggerConfig;
+
+static HTAB *trigger_configs = NULL;
+
+PG_FUNCTION_INFO_V1(cachekit_invalidate);
+PG_FUNCTION_INFO_V1(cachekit_write_through);
+
+/* Relcache callback: forget the parsed triggers of a changed table. */
+static void
+ck_relcache_callback(Datum arg, Oid relid)
+{
+	HASH_SEQ_STATUS status;
+	CkTriggerConfig *cfg;
+
+	hash_seq_init(&status, trigger_configs);
+	while ((cfg = hash_seq_search(&status)) != NULL)
+	{
+		if (relid == InvalidOid || cfg->relid == relid)
+			cfg->valid = false;
+	}
+}
+
+/* Report a bad trigger argument, naming the trigger, table and argument. */
+static void
+ck_bad_argument(TriggerData *td, int argno, int sqlstate, const char *problem)
+{
+	Trigger    *tg = td->tg_trigger;
+
+	ereport(ERROR,
+			(errcode(sqlstate),
+			 errmsg("invalid argument %d of trigger \"%s\" on table \"%s\": %s",
+					argno + 1, tg->tgname, RelationGetRelationName(td->tg_relation),
+					problem),
+			 errdetail("The argument is \"%s\".", tg->tgargs[argno])));
+}
+
+/* Parse and bind one template argument; errors name the argument. */
+static void
+ck_parse_template(TriggerData *td, int argno, const char *source, CkTemplate *tpl)
+{
+	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
+	char	   *problem;
+
+	problem = ck_template_parse(source, tpl);
+	if (problem)
+		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, problem);
+	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event) && tpl->has_columns)
+		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE,
+						"a TRUNCATE trigger has no rows, so its templates cannot have {column} placeholders");
+	problem = ck_template_bind(tpl, tupdesc);
+	if (problem)
+		ck_bad_argument(td, argno, ERRCODE_UNDEFINED_COLUMN, problem);
+}
+
+/* Parse "columns=a,b,c" of a write-through trigger into attribute numbers. */
+static void
+ck_parse_columns(TriggerData *td, int argno, const char *list, CkTriggerConfig *cfg)
+{
+	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
+	char	   *copy = pstrdup(list);
+	char	   *tok;
+	char	   *save = NULL;
+
+	cfg->columns = palloc(sizeof(AttrNumber) * (tupdesc->natts + 1));
+	cfg->ncolumns = 0;
+	for (tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+	{
+		char	   *name = tok;
+		char	   *end;
+		AttrNumber	attnum = InvalidAttrNumber;
+
+		while (*name == ' ')
+			name++;
+		end = name + strlen(name);
+		while (end > name && end[-1] == ' ')
+			*--end = '\0';
+		if (*name == '\0')
+			ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, "empty column name");
+		for (int a = 0; a < tupdesc->natts; a++)
+		{
+			Form_pg_attribute att = TupleDescAttr(tupdesc, a);
+
+			if (!att->attisdropped && strcmp(NameStr(att->attname), name) == 0)
+				attnum = a + 1;
+		}
+		if (attnum == InvalidAttrNumber)
+			ck_bad_argument(td, argno, ERRCODE_UNDEFINED_COLUMN,
+							psprintf("column \"%s\" does not exist", name));
+		for (int c = 0; c < cfg->ncolumns; c++)
+			if (cfg->columns[c] == attnum)
+				ck_bad_argument(td, argno, ERRCODE_DUPLICATE_COLUMN,
+								psprintf("column \"%s\" is listed twice", name));
+		if (cfg->ncolumns >= tupdesc->natts)
+			break;
+		cfg->columns[cfg->ncolumns++] = attnum;
+	}
+	if (cfg->ncolumns == 0)
+		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, "no columns listed");
+}
+
+/* Split "name=rest" where name is a lowercase word; NULL if no option. */
+static char *
+ck_option_name(const char *arg, const char **rest)
+{
+	const char *p = arg;
+
+	while (*p >= 'a' && *p <= 'z')
+		p++;
+	if (p == arg || *p != '=')
+		return NULL;
+	*rest = p + 1;
+	return pnstrdup(arg, p - arg);
+}
+
+/* Parse a trigger's arguments into a new configuration. */
+static void
+ck_build_config(TriggerData *td, CkTriggerKind kind, CkTriggerConfig *cfg)
+{
+	Trigger    *tg = td->tg_trigger;
+	const char *fname = kind == CK_TRIGGER_INVALIDATE ? "cachekit_invalidate" : "cachekit_write_through";
+	bool		ttl_seen = false;
+
+	cfg->keys = palloc0(sizeof(CkTemplate) * (tg->tgnargs + 1));
+	cfg->tags = palloc0(sizeof(CkTemplate) * (tg->tgnargs + 1));
+	cfg->nkeys = cfg->ntags = 0;
+	cfg->ttl = 0;
+	cfg->ncolumns = 0;
+	cfg->columns = NULL;
+
+	for (int i = 0; i < tg->tgnargs; i++)
+	{
+		const char *arg = tg->tgargs[i];
+		const char *rest = arg;
+		char	   *opt = ck_option_name(arg, &rest);
+
+		if (opt == NULL || strcmp(opt, "key") == 0)
+			ck_parse_template(td, i, rest, &cfg->keys[cfg->nkeys++]);
+		else if (strcmp(opt, "tag") == 0)
+			ck_parse_template(td, i, rest, &cfg->tags[cfg->ntags++]);
+		else if (kind == CK_TRIGGER_WRITE_THROUGH && strcmp(opt, "ttl") == 0)
+		{
+			char	   *end;
+			long		ttl;
+
+			errno = 0;
+			ttl = strtol(rest, &end, 10);
+			if (ttl_seen)
+				ck_bad_argument(td, i, ERRCODE_INVALID_PARAMETER_VALUE, "ttl is given twice");
+			if (*rest == '\0' || *end != '\0' || errno != 0 || ttl < 0 || ttl > INT_MAX)
+				ck_bad_argument(td, i, ERRCODE_INVALID_PARAMETER_VALUE,
+								"ttl must be a whole number of seconds, 0 for no expiry");
+			cfg->ttl = (int) ttl;
+			ttl_seen = true;
+		}
+		else if (kind == CK_TRIGGER_WRITE_THROUGH && strcmp(opt, "columns") == 0)
+		{
+			if (cfg->columns)
+				ck_bad_argument(td, i, ERRCODE_INVALID_PARAMETER_VALUE, "columns is given twice");
+			ck_parse_columns(td, i, rest, cfg);
+		}
+		else
+			ck_bad_argument(td, i, ERRCODE_INVALID_PARAMETER_VALUE,
+							psprintf(kind == CK_TRIGGER_INVALIDATE ?
+									 "unknown option \"%s=\" (%s takes key=, tag= or a bare key template)" :
+									 "unknown option \"%s=\" (%s takes key=, tag=, ttl= and columns=)",
+									 opt, fname));
+	}
+
+	if (kind == CK_TRIGGER_INVALIDATE && cfg->nkeys + cfg->ntags == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("trigger \"%s\" on table \"%s\" has no key or tag template",
+						tg->tgname, RelationGetRelationName(td->tg_relation)),
+				 errhint("Pass templates as arguments, e.g. %s('user:{id}', 'tag=team:{team_id}').", fname)));
+	if (kind == CK_TRIGGER_WRITE_THROUGH && cfg->nkeys != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("trigger \"%s\" on table \"%s\" must have exactly one key template, not %d",
+						tg->tgname, RelationGetRelationName(td->tg_relation), cfg->nkeys),
+				 errhint("Pass it as key=<template>, e.g. %s('key=product:{sku}', 'ttl=300').", fname)));
+}
+
+/* Check that the trigger is fired the way this function supports. */
+static void
+ck_check_firing(FunctionCallInfo fcinfo, const char *fname, bool truncate_ok)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("%s can only be called as a trigger", fname)));
+	if (!TRIGGER_FIRED_AFTER(td->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" must be an AFTER trigger",
+						td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
+				 errdetail("%s only sees committed row versions from AFTER triggers.", fname)));
+	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
+	{
+		if (!truncate_ok)
+			ereport(ERROR,
+					(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+					 errmsg("trigger \"%s\" on table \"%s\" cannot be fired by TRUNCATE",
+							td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
+					 errhint("Use cachekit_invalidate with templates without placeholders for TRUNCATE.")));
+	}
+	else if (!TRIGGER_FIRED_FOR_ROW(td->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" must be FOR EACH ROW",
+						td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
+				 errhint("Only AFTER TRUNCATE triggers may be FOR EACH STATEMENT.")));
+}
+
+/* The parsed configuration of the firing trigger, parsing it if needed. */
+static CkTriggerConfig *
+ck_get_config(TriggerData *td, CkTriggerKind kind)
+{
+	Oid			tgoid = td->tg_trigger->tgoid;
+	CkTriggerConfig *cfg;
+	bool		found;
+	MemoryContext cxt;
+	MemoryContext old;
+	CkTriggerConfig tmp;
+
+	if (trigger_configs == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(CkTriggerConfig);
+		trigger_configs = hash_create("cachekit triggers", 64, &ctl, HASH_ELEM | HASH_BLOBS);
+		CacheRegisterRelcacheCallback(ck_relcache_callback, (Datum) 0);
+	}
+
+	cfg = hash_search(trigger_configs, &tgoid, HASH_FIND, NULL);
+	if (cfg && cfg->valid)
+		return cfg;
+
+	/* parse into a fresh context; an error leaves the table unchanged */
+	cxt = AllocSetContextCreate(CacheMemoryContext, "cachekit trigger",
+								ALLOCSET_SMALL_SIZES);
+	memset(&tmp, 0, sizeof(tmp));
+	old = MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		ck_build_config(td, kind, &tmp);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(old);
+		MemoryContextDelete(cxt);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+
+	cfg = hash_search(trigger_configs, &tgoid, HASH_ENTER, &found);
+	if (found && cfg->cxt)
+		MemoryContextDelete(cfg->cxt);
+	tmp.tgoid = tgoid;
+	tmp.relid = RelationGetRelid(td->tg_relation);
+	tmp.cxt = cxt;
+	tmp.valid = true;
+	*cfg = tmp;
+	return cfg;
+}
+
+/* Add s to a list of strings unless it is already there. */
+static List *
+ck_add_unique(List *list, const char *s)
+{
+	ListCell   *lc;
+
+	foreach(lc, list)
+		if (strcmp((char *) lfirst(lc), s) == 0)
+			return list;
+	return lappend(list, pstrdup(s));
+}
+
+/* Render templates for one row version, adding to a list of strings. */
+static List *
+ck_render_all(List *list, CkTemplate *tpls, int n, HeapTuple tuple, TupleDesc tupdesc,
+			  StringInfo buf)
+{
+	for (int i = 0; i < n; i++)
+	{
+		if (tuple == NULL)
+		{
+			/* TRUNCATE: templates are plain text */
+			resetStringInfo(buf);
+			for (int p = 0; p < tpls[i].nparts; p++)
+				appendStringInfoString(buf, tpls[i].parts[p].literal);
+		}
+		else if (!ck_template_render(&tpls[i], tuple, tupdesc, buf))
+			continue;			/* a NULL column: no key for this row */
+		list = ck_add_unique(list, buf->data);
+	}
+	return list;
+}
+
+/* The row versions a trigger event renders from: NEW, OLD, or both. */
+static void
+ck_event_tuples(TriggerData *td, HeapTuple *oldtup, HeapTuple *newtup)
+{
+	*oldtup = NULL;
+	*newtup = NULL;
+	if (TRIGGER_FIRED_BY_INSERT(td->tg_event))
+		*newtup = td->tg_trigtuple;
+	else if (TRIGGER_FIRED_BY_DELETE(td->tg_event))
+		*oldtup = td->tg_trigtuple;
+	else if (TRIGGER_FIRED_BY_UPDATE(td->tg_event))
+	{
+		*oldtup = td->tg_trigtuple;
+		*newtup = td->tg_newtuple;
+	}
+}
+
+/*
+ * cachekit_invalidate(templates...): AFTER INSERT OR UPDATE OR DELETE FOR
+ * EACH ROW (or AFTER TRUNCATE FOR EACH STATEMENT) trigger that deletes the
+ * rendered keys and flushes the rendered tags once the transaction commits.
+ */
+Datum
+cachekit_invalidate(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	CkTriggerConfig *cfg;
+	TupleDesc	tupdesc;
+	HeapTuple	oldtup;
+	HeapTuple	newtup;
+	List	   *keys = NIL;
+	List	   *tags = NIL;
+	StringInfoData buf;
+	Oid			nspid;
+
+	ck_check_firing(fcinfo, "cachekit_invalidate", true);
+	nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+	cfg = ck_get_config(td, CK_TRIGGER_INVALIDATE);
+	tupdesc = RelationGetDescr(td->tg_relation);
+
+	initStringInfo(&buf);
+	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
+	{
+		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, NULL, tupdesc, &buf);
+		tags = ck_render_all(tags, cfg->tags, cfg->ntags, NULL, tupdesc, &buf);
+	}
+	else
+	{
+		ck_event_tuples(td, &oldtup, &newtup);
+		if (oldtup)
+		{
+			keys = ck_render_all(keys, cfg->keys, cfg->nkeys, oldtup, tupdesc, &buf);
+			tags = ck_render_all(tags, cfg->tags, cfg->ntags, oldtup, tupdesc, &buf);
+		}
+		if (newtup)
+		{
+			keys = ck_render_all(keys, cfg->keys, cfg->nkeys, newtup, tupdesc, &buf);
+			tags = ck_render_all(tags, cfg->tags, cfg->ntags, newtup, tupdesc, &buf);
+		}
+	}
+
+	if (keys != NIL || tags != NIL)
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, tags, NULL, 0);
+
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * cachekit_write_through(key=..., ttl=..., columns=..., tag=...): AFTER
+ * INSERT OR UPDATE OR DELETE FOR EACH ROW trigger that writes the row as
+ * JSON to its key (and lists the key in its tags), or deletes it.
+ */
+Datum
+cachekit_write_through(PG_FUNCTION_ARGS)
+{
+	ck_check_firing(fcinfo, "cachekit_write_through", false);
+	ereport(ERROR,
+			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+			 errmsg("cachekit_write_through is not available yet")));
+	return PointerGetDatum(NULL);
+}

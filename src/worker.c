@@ -1,0 +1,493 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The background worker: reads committed queue entries in id order,
+ *	  delivers them to Redis, and deletes them once Redis answered.
+ *
+ * One pass is: a short transaction that reads a batch, the Redis round trips
+ * with no transaction open, and a short transaction that deletes what was
+ * delivered (or counts the attempt, or moves an entry Redis refused too
+ * often to cachekit_dead_letter). The worker sleeps on its latch, which
+ * committing writers set; while Redis fails it waits out a capped
+ * exponential backoff and ignores those wake-ups, so it never spins.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cachekit.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/proc.h"
+#include "tcop/utility.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/wait_event.h"
+
+/* how long an idle worker sleeps before looking at the queue anyway */
+#define CK_IDLE_TIMEOUT_MS 5000
+/* the first retry delay after a failure */
+#define CK_FIRST_RETRY_MS 20
+
+/* the outcome of one pass */
+typedef enum CkPass
+{
+	CK_PASS_IDLE,				/* nothing more to do now */
+	CK_PASS_MORE,				/* a full batch went out: go on at once */
+	CK_PASS_FAILED				/* Redis failed: back off */
+} CkPass;
+
+static bool redis_down = false;	/* logged the loss, not yet the return */
+static char *current_host = NULL;	/* for messages, without the password */
+
+/* Register the worker with the postmaster (from _PG_init). */
+void
+ck_register_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	/* never on a standby: it starts once the server is promoted */
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "cachekit");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "cachekit_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "cachekit worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "cachekit worker");
+	RegisterBackgroundWorker(&worker);
+}
+
+/* Exit callback: stop advertising our latch. */
+static void
+ck_worker_exit(int code, Datum arg)
+{
+	SpinLockAcquire(&ck_shared->mutex);
+	ck_shared->worker_latch = NULL;
+	ck_shared->worker_pid = 0;
+	ck_shared->connected = false;
+	SpinLockRelease(&ck_shared->mutex);
+	ck_redis_disconnect();
+}
+
+/* Publish whether we hold a Redis connection. */
+static void
+ck_set_connected(bool connected)
+{
+	SpinLockAcquire(&ck_shared->mutex);
+	ck_shared->connected = connected;
+	SpinLockRelease(&ck_shared->mutex);
+}
+
+/* Record a delivery failure: counters, last error, and one log line per outage. */
+static void
+ck_report_failure(const char *msg, bool connection)
+{
+	pg_atomic_fetch_add_u64(&ck_shared->failed_attempts, 1);
+	ck_set_last_error(msg);
+	if (connection)
+	{
+		ck_set_connected(false);
+		if (!redis_down)
+			ereport(LOG,
+					(errmsg("cachekit worker cannot reach Redis, retrying with backoff: %s", msg)));
+		redis_down = true;
+	}
+}
+
+/* Make sure there is a Redis connection; false (reported) when there is none. */
+static bool
+ck_ensure_connection(void)
+{
+	CkRedisUrl	url;
+	char	   *err = NULL;
+
+	if (ck_redis_connected())
+		return true;
+	if (!ck_parse_redis_url(ck_redis_url, &url, &err))
+	{
+		ck_report_failure(psprintf("invalid cachekit.redis_url: %s", err), true);
+		return false;
+	}
+	if (!ck_redis_connect(&url, &err))
+	{
+		ck_report_failure(err, true);
+		return false;
+	}
+	if (current_host)
+		pfree(current_host);
+	current_host = MemoryContextStrdup(TopMemoryContext,
+									   psprintf("%s:%d/%d", url.host, url.port, url.db));
+	ereport(LOG,
+			(errmsg(redis_down ? "cachekit worker reconnected to Redis at %s" :
+					"cachekit worker connected to Redis at %s", current_host)));
+	redis_down = false;
+	ck_set_connected(true);
+	return true;
+}
+
+/* Start a transaction with SPI and a snapshot, as each unit of work needs. */
+static void
+ck_begin(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+/* Finish what ck_begin started. */
+static void
+ck_commit(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* The quoted schema of the extension, or NULL when it is not installed here. */
+static char *
+ck_find_schema(void)
+{
+	int			rc;
+
+	rc = SPI_execute("SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e "
+					 "JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+					 "WHERE e.extname = 'cachekit'", true, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "cachekit worker could not look up its extension: %s",
+			 SPI_result_code_string(rc));
+	if (SPI_processed == 0)
+		return NULL;
+	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+}
+
+/* Copy a text[] datum into an array of C strings in the current context. */
+static int
+ck_copy_text_array(Datum d, char ***out)
+{
+	ArrayType  *arr = DatumGetArrayTypeP(d);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+	*out = palloc(sizeof(char *) * (n + 1));
+	for (int i = 0; i < n; i++)
+		(*out)[i] = nulls[i] ? pstrdup("") : TextDatumGetCString(elems[i]);
+	return n;
+}
+
+/* Read up to batch_size entries in id order into batch_cxt. */
+static int
+ck_read_batch(const char *schema, MemoryContext batch_cxt, CkEntry **entries_out)
+{
+	char	   *sql;
+	Oid			argtypes[1] = {INT4OID};
+	Datum		args[1];
+	int			rc;
+	CkEntry    *entries;
+	int			n;
+
+	sql = psprintf("SELECT id, kind, keys, tags, value, ttl, attempts FROM %s.%s "
+				   "ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE);
+	args[0] = Int32GetDatum(ck_batch_size);
+	rc = SPI_execute_with_args(sql, 1, argtypes, args, NULL, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "cachekit worker could not read its queue: %s", SPI_result_code_string(rc));
+
+	n = (int) SPI_processed;
+	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (n + 1));
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		CkEntry    *e = &entries[i];
+		bool		isnull;
+		Datum		d;
+		MemoryContext old;
+
+		old = MemoryContextSwitchTo(batch_cxt);
+		e->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		e->kind = DatumGetChar(SPI_getbinval(tup, desc, 2, &isnull));
+		e->nkeys = ck_copy_text_array(SPI_getbinval(tup, desc, 3, &isnull), &e->keys);
+		e->ntags = ck_copy_text_array(SPI_getbinval(tup, desc, 4, &isnull), &e->tags);
+		d = SPI_getbinval(tup, desc, 5, &isnull);
+		e->value = isnull ? NULL : TextDatumGetCString(d);
+		e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
+		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
+		MemoryContextSwitchTo(old);
+	}
+	*entries_out = entries;
+	return n;
+}
+
+/* Build a bigint[] of the ids of entries matching a predicate. */
+static Datum
+ck_id_array(CkEntry *entries, int n, int which, int *count)
+{
+	Datum	   *ids = palloc(sizeof(Datum) * (n + 1));
+	int			k = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		CkEntry    *e = &entries[i];
+		int			cls;
+
+		/* 0: delivered, 1: refused and retried later, 2: dead letter */
+		if (!e->failed)
+			cls = 0;
+		else if (e->transient)
+			cls = -1;
+		else if (e->attempts + 1 >= ck_max_attempts)
+			cls = 2;
+		else
+			cls = 1;
+		if (cls == which)
+			ids[k++] = Int64GetDatum(e->id);
+	}
+	*count = k;
+	return PointerGetDatum(construct_array(ids, k, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+/* Build a text[] of the errors of the entries of class "which", in id order. */
+static Datum
+ck_error_array(CkEntry *entries, int n, int which)
+{
+	Datum	   *errs = palloc(sizeof(Datum) * (n + 1));
+	int			k = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		CkEntry    *e = &entries[i];
+
+		if (!e->failed || e->transient)
+			continue;
+		if ((e->attempts + 1 >= ck_max_attempts) == (which == 2))
+			errs[k++] = CStringGetTextDatum(e->error ? e->error : "refused");
+	}
+	return PointerGetDatum(construct_array(errs, k, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+/* Run one statement with an id array and optionally an error array. */
+static void
+ck_exec_ids(const char *sql, Datum ids, Datum errs, int expected)
+{
+	Oid			argtypes[2] = {INT8ARRAYOID, TEXTARRAYOID};
+	Datum		args[2] = {ids, errs};
+	int			nargs = errs ? 2 : 1;
+	int			rc;
+
+	rc = SPI_execute_with_args(sql, nargs, argtypes, args, NULL, false, 0);
+	if (rc != expected)
+		elog(ERROR, "cachekit worker could not update its queue: %s", SPI_result_code_string(rc));
+}
+
+/* Record the outcome of a delivered batch in the queue. */
+static void
+ck_settle_batch(const char *schema, CkEntry *entries, int n)
+{
+	Datum		ids;
+	int			count;
+
+	ids = ck_id_array(entries, n, 0, &count);
+	if (count > 0)
+		ck_exec_ids(psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
+					ids, (Datum) 0, SPI_OK_DELETE);
+	pg_atomic_fetch_add_u64(&ck_shared->entries_delivered, count);
+
+	ids = ck_id_array(entries, n, 1, &count);
+	if (count > 0)
+		ck_exec_ids(psprintf("UPDATE %s.%s q SET attempts = q.attempts + 1, last_error = u.err "
+							 "FROM unnest($1, $2) AS u(id, err) WHERE q.id = u.id",
+							 schema, CK_QUEUE_TABLE),
+					ids, ck_error_array(entries, n, 1), SPI_OK_UPDATE);
+
+	ids = ck_id_array(entries, n, 2, &count);
+	if (count > 0)
+	{
+		ck_exec_ids(psprintf("WITH moved AS (DELETE FROM %s.%s q USING unnest($1, $2) AS u(id, err) "
+							 "WHERE q.id = u.id RETURNING q.*, u.err) "
+							 "INSERT INTO %s.%s (id, kind, keys, tags, value, ttl, attempts, error, enqueued_at) "
+							 "SELECT id, kind, keys, tags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
+							 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE),
+					ids, ck_error_array(entries, n, 2), SPI_OK_INSERT);
+		pg_atomic_fetch_add_u64(&ck_shared->dead_lettered, count);
+		for (int i = 0; i < n; i++)
+			if (entries[i].failed && !entries[i].transient &&
+				entries[i].attempts + 1 >= ck_max_attempts)
+				ereport(WARNING,
+						(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						 errmsg("cachekit moved queue entry %lld to %s after %d refusals",
+								(long long) entries[i].id, CK_DEAD_TABLE, entries[i].attempts + 1),
+						 errdetail("Redis answered: %s", entries[i].error)));
+	}
+}
+
+/* One pass: read a batch, deliver it, settle it. */
+static CkPass
+ck_pass(MemoryContext batch_cxt)
+{
+	char	   *schema;
+	CkEntry    *entries = NULL;
+	int			n = 0;
+	CkDeliveryStats stats;
+	char	   *err = NULL;
+	bool		refused = false;
+	bool		transient = false;
+	MemoryContext old;
+
+	ck_begin("reading queue");
+	schema = ck_find_schema();
+	if (schema)
+	{
+		schema = MemoryContextStrdup(batch_cxt, schema);
+		n = ck_read_batch(schema, batch_cxt, &entries);
+	}
+	ck_commit();
+
+	if (n == 0)
+		return CK_PASS_IDLE;
+
+	/* Redis round trips, with no transaction open */
+	old = MemoryContextSwitchTo(batch_cxt);
+	if (!ck_ensure_connection())
+	{
+		MemoryContextSwitchTo(old);
+		return CK_PASS_FAILED;
+	}
+	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
+	if (!ck_deliver(entries, n, &stats, &err))
+	{
+		MemoryContextSwitchTo(old);
+		ck_report_failure(err, true);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		return CK_PASS_FAILED;
+	}
+	MemoryContextSwitchTo(old);
+
+	for (int i = 0; i < n; i++)
+	{
+		if (entries[i].failed && entries[i].transient)
+			transient = true;
+		else if (entries[i].failed)
+			refused = true;
+		if (entries[i].failed && !err)
+			err = entries[i].error;
+	}
+
+	ck_begin("settling batch");
+	ck_settle_batch(schema, entries, n);
+	ck_commit();
+
+	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
+	pg_atomic_fetch_add_u64(&ck_shared->tags_flushed, stats.tags_flushed);
+	pg_atomic_fetch_add_u64(&ck_shared->tag_keys_deleted, stats.tag_keys_deleted);
+	pg_atomic_fetch_add_u64(&ck_shared->keys_written, stats.keys_written);
+	pg_atomic_fetch_add_u64(&ck_shared->values_too_large, stats.values_too_large);
+	SpinLockAcquire(&ck_shared->mutex);
+	ck_shared->last_delivery_at = GetCurrentTimestamp();
+	SpinLockRelease(&ck_shared->mutex);
+	ConditionVariableBroadcast(&ck_shared->delivered_cv);
+
+	if (refused || transient)
+	{
+		ck_report_failure(psprintf("Redis refused %s entry: %s",
+								   transient ? "a queue" : "a queue", err), false);
+		return CK_PASS_FAILED;
+	}
+	return n >= ck_batch_size ? CK_PASS_MORE : CK_PASS_IDLE;
+}
+
+/* Entry point of the background worker. */
+void
+cachekit_worker_main(Datum arg)
+{
+	MemoryContext batch_cxt;
+	int			backoff_ms = 0;
+	TimestampTz retry_at = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(ck_database, NULL, 0);
+
+	SpinLockAcquire(&ck_shared->mutex);
+	ck_shared->worker_latch = MyLatch;
+	ck_shared->worker_pid = MyProcPid;
+	ck_shared->connected = false;
+	SpinLockRelease(&ck_shared->mutex);
+	before_shmem_exit(ck_worker_exit, (Datum) 0);
+
+	ereport(LOG,
+			(errmsg("cachekit worker started for database \"%s\"", ck_database)));
+
+	batch_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit batch",
+									  ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		CkPass		result = CK_PASS_IDLE;
+		long		wait_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			/* settings may have changed the URL or timeouts: reconnect now */
+			ck_redis_disconnect();
+			ck_set_connected(false);
+			retry_at = 0;
+			backoff_ms = 0;
+		}
+
+		if (retry_at == 0 || GetCurrentTimestamp() >= retry_at)
+		{
+			result = ck_pass(batch_cxt);
+			MemoryContextReset(batch_cxt);
+			if (result == CK_PASS_FAILED)
+			{
+				backoff_ms = backoff_ms == 0 ? CK_FIRST_RETRY_MS :
+					Min(backoff_ms * 2, ck_retry_max_delay);
+				backoff_ms = Min(backoff_ms, ck_retry_max_delay);
+				retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
+			}
+			else
+			{
+				backoff_ms = 0;
+				retry_at = 0;
+			}
+		}
+		if (result == CK_PASS_MORE)
+			continue;
+
+		if (retry_at != 0)
+		{
+			long		secs;
+			int			usecs;
+
+			TimestampDifference(GetCurrentTimestamp(), retry_at, &secs, &usecs);
+			wait_ms = secs * 1000 + usecs / 1000 + 1;
+		}
+		else
+			wait_ms = CK_IDLE_TIMEOUT_MS;
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 wait_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
