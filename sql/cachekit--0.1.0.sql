@@ -6,13 +6,15 @@
 -- the writing transaction; the background worker reads committed entries in
 -- id order, delivers them to Redis and deletes them once Redis answered.
 --   kind 'i': delete every key in keys, flush every tag in tags
---   kind 'w': SET keys[1] to value (EX ttl when ttl > 0), SADD it to tags
---   kind 'd': delete keys[1] and SREM it from tags
+--   kind 'w': SET keys[1] to value (EX ttl when ttl > 0), SADD it to the
+--             sets of tags, SREM it from the sets of untags
+--   kind 'd': delete keys[1] and SREM it from the sets of untags
 CREATE TABLE cachekit_queue (
 	id bigserial PRIMARY KEY,
 	kind "char" NOT NULL CHECK (kind IN ('i', 'w', 'd')),
 	keys text[] NOT NULL,
 	tags text[] NOT NULL DEFAULT '{}',
+	untags text[] NOT NULL DEFAULT '{}',
 	value text,
 	ttl integer NOT NULL DEFAULT 0,
 	attempts integer NOT NULL DEFAULT 0,
@@ -30,6 +32,7 @@ CREATE TABLE cachekit_dead_letter (
 	kind "char" NOT NULL,
 	keys text[] NOT NULL,
 	tags text[] NOT NULL,
+	untags text[] NOT NULL,
 	value text,
 	ttl integer NOT NULL,
 	attempts integer NOT NULL,
@@ -64,7 +67,10 @@ RETURNS boolean
 AS 'MODULE_PATHNAME', 'cachekit_wait'
 LANGUAGE C STRICT VOLATILE;
 
--- Moves dead letters back into the queue (all, or those with the given ids).
+-- Moves dead letters back to the end of the queue (all, or those with the
+-- given ids). A write-through entry comes back as a delete of its key: newer
+-- writes of that key may have been delivered since, and an old value must
+-- never overwrite them.
 CREATE FUNCTION cachekit_replay_dead_letters(ids bigint[] DEFAULT NULL)
 RETURNS bigint
 LANGUAGE sql VOLATILE
@@ -72,10 +78,15 @@ AS $$
 	WITH moved AS (
 		DELETE FROM @extschema@.cachekit_dead_letter
 		WHERE ids IS NULL OR id = ANY (ids)
-		RETURNING kind, keys, tags, value, ttl, enqueued_at
+		RETURNING id, kind, keys, tags, untags, enqueued_at
 	), queued AS (
-		INSERT INTO @extschema@.cachekit_queue (kind, keys, tags, value, ttl, enqueued_at)
-		SELECT kind, keys, tags, value, ttl, enqueued_at FROM moved ORDER BY enqueued_at
+		INSERT INTO @extschema@.cachekit_queue (kind, keys, tags, untags, enqueued_at)
+		SELECT CASE kind WHEN 'w' THEN 'd' ELSE kind END,
+			   keys,
+			   CASE kind WHEN 'w' THEN '{}' ELSE tags END,
+			   CASE kind WHEN 'w' THEN tags || untags ELSE untags END,
+			   enqueued_at
+		FROM moved ORDER BY id
 		RETURNING 1
 	)
 	SELECT count(*) FROM queued;

@@ -107,7 +107,7 @@ extern bool ck_template_render(CkTemplate *tpl, HeapTuple tuple,
 /*---- the queue (queue.c) ----*/
 
 extern void ck_enqueue(Oid nspid, char kind, List *keys, List *tags,
-					   const char *value, int ttl);
+					   List *untags, const char *value, int ttl);
 extern Oid	ck_extension_schema(Oid fn_oid);
 extern void ck_note_enqueued(void);
 extern void ck_queue_init(void);
@@ -123,6 +123,8 @@ typedef struct CkEntry
 	char	  **keys;
 	int			ntags;
 	char	  **tags;
+	int			nuntags;
+	char	  **untags;
 	char	   *value;			/* write-through value, or NULL */
 	int			ttl;
 	int			attempts;		/* failed attempts before this one */
@@ -141,6 +143,7 @@ typedef struct CkDeliveryStats
 	uint64		values_too_large;
 } CkDeliveryStats;
 
+extern bool ck_deliver_prepare(char **errmsg);
 extern bool ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg);
 
 /*---- the worker (worker.c) ----*/
@@ -180,5 +183,6 @@ extern void ck_redis_disconnect(void);
 extern bool ck_redis_connected(void);
 extern void ck_redis_append(int argc, const char **argv, const size_t *argvlen);
 extern bool ck_redis_read(CkReply *reply, char **errmsg);
+extern bool ck_redis_script_load(const char *body, char *sha, char **errmsg);
 
 #endif							/* CACHEKIT_H */

@@ -6,7 +6,11 @@
  *
  * The same key or tag named by several entries of a batch is sent once; a
  * command remembers every entry that depends on it, so that a refusal marks
- * all of them. Keys are deleted with UNLINK in chunks. A tag is flushed
+ * all of them. For a key, the last entry of the batch decides what is sent
+ * (write-through: the newest value, or a delete), so writes of one key are
+ * never reordered. Plain deletes go out as UNLINK in chunks; a key that is
+ * written, or leaves or joins tag sets, is handled by one script that does
+ * all of it atomically. A tag is flushed
  * without losing a concurrent SADD: its set is first renamed to a private
  * name (new members then go to a fresh set, which stays listed), and the
  * private set is drained in chunks by a script that pops members and
@@ -43,6 +47,45 @@ static const char *flush_drain_script =
 "if #m > 0 then redis.call('UNLINK', unpack(m)) end\n"
 "return #m\n";
 
+/*
+ * Apply the final state of a key: KEYS[1] is the key, the next ARGV[4]
+ * keys are sets it joins, the rest are sets it leaves. ARGV[1] is 'set' or
+ * 'del', ARGV[2] the value, ARGV[3] the ttl in seconds (0: none). With a
+ * ttl, a set it joins keeps an expiry of at least twice the ttl.
+ */
+static const char *apply_script =
+"local key = KEYS[1]\n"
+"local ttl = tonumber(ARGV[3])\n"
+"local njoin = tonumber(ARGV[4])\n"
+"if ARGV[1] == 'set' then\n"
+"  if ttl > 0 then redis.call('SET', key, ARGV[2], 'EX', ttl)\n"
+"  else redis.call('SET', key, ARGV[2]) end\n"
+"else\n"
+"  redis.call('UNLINK', key)\n"
+"end\n"
+"for i = 2, njoin + 1 do\n"
+"  redis.call('SADD', KEYS[i], key)\n"
+"  if ttl > 0 and redis.call('TTL', KEYS[i]) < 2 * ttl then\n"
+"    redis.call('EXPIRE', KEYS[i], 2 * ttl)\n"
+"  end\n"
+"end\n"
+"for i = njoin + 2, #KEYS do redis.call('SREM', KEYS[i], key) end\n"
+"return 1\n";
+
+/* the scripts, and their SHA1 as loaded on the current connection */
+enum
+{
+	CK_SCRIPT_FLUSH_BEGIN,
+	CK_SCRIPT_FLUSH_DRAIN,
+	CK_SCRIPT_APPLY,
+	CK_NSCRIPTS
+};
+
+static const char **const scripts[CK_NSCRIPTS] = {
+	&flush_begin_script, &flush_drain_script, &apply_script
+};
+static char script_sha[CK_NSCRIPTS][41];
+
 /* a string named by entries of the batch, and which entries */
 typedef struct CkItem
 {
@@ -75,6 +118,25 @@ typedef struct CkFlush
 	bool		begin_again;	/* drained a leftover: rename the set next */
 	bool		failed;
 } CkFlush;
+
+/* what one key ends up as after all entries of the batch */
+typedef struct CkKeyPlan
+{
+	CkGroup    *group;
+	bool		simple;			/* only plain deletes: goes into an UNLINK */
+	CkEntry    *final_write;	/* the write that wins, or NULL for a delete */
+	List	   *leaves;			/* sets the key leaves */
+} CkKeyPlan;
+
+/* Load the scripts on a fresh connection (called after each connect). */
+bool
+ck_deliver_prepare(char **errmsg)
+{
+	for (int i = 0; i < CK_NSCRIPTS; i++)
+		if (!ck_redis_script_load(*scripts[i], script_sha[i], errmsg))
+			return false;
+	return true;
+}
 
 /* Order items by string, then entry. */
 static int
@@ -141,8 +203,8 @@ ck_append_flush_step(CkFlush *f)
 
 	if (f->phase == CK_FLUSH_BEGIN)
 	{
-		argv[0] = "EVAL";
-		argv[1] = flush_begin_script;
+		argv[0] = "EVALSHA";
+		argv[1] = script_sha[CK_SCRIPT_FLUSH_BEGIN];
 		argv[2] = "2";
 		argv[3] = f->set;
 		argv[4] = f->private_set;
@@ -152,8 +214,8 @@ ck_append_flush_step(CkFlush *f)
 	}
 	else
 	{
-		argv[0] = "EVAL";
-		argv[1] = flush_drain_script;
+		argv[0] = "EVALSHA";
+		argv[1] = script_sha[CK_SCRIPT_FLUSH_DRAIN];
 		argv[2] = "1";
 		argv[3] = f->private_set;
 		argv[4] = CppAsString2(CK_CHUNK);
@@ -188,6 +250,96 @@ ck_advance_flush(CkFlush *f, const CkReply *reply, CkDeliveryStats *stats)
 		stats->tags_flushed++;
 }
 
+/* Add the strings of arr to list, skipping those it has. */
+static List *
+ck_union(List *list, char **arr, int n)
+{
+	for (int i = 0; i < n; i++)
+	{
+		ListCell   *lc;
+		bool		found = false;
+
+		foreach(lc, list)
+			if (strcmp((char *) lfirst(lc), arr[i]) == 0)
+				found = true;
+		if (!found)
+			list = lappend(list, arr[i]);
+	}
+	return list;
+}
+
+/* Work out what a key ends up as, from its entries in queue order. */
+static void
+ck_plan_key(CkEntry *entries, CkGroup *g, CkKeyPlan *plan)
+{
+	List	   *leaves = NIL;
+
+	plan->group = g;
+	plan->simple = true;
+	plan->final_write = NULL;
+	for (int i = 0; i < g->nentries; i++)
+	{
+		CkEntry    *e = &entries[g->entries[i]];
+
+		if (e->kind == CK_KIND_INVALIDATE)
+		{
+			plan->final_write = NULL;
+			continue;
+		}
+		plan->simple = false;
+		plan->final_write = (e->kind == CK_KIND_WRITE) ? e : NULL;
+		leaves = ck_union(leaves, e->untags, e->nuntags);
+	}
+	/* a set the final write joins is not one the key leaves */
+	plan->leaves = NIL;
+	if (plan->final_write)
+	{
+		ListCell   *lc;
+
+		foreach(lc, leaves)
+		{
+			bool		joins = false;
+
+			for (int t = 0; t < plan->final_write->ntags; t++)
+				if (strcmp(plan->final_write->tags[t], (char *) lfirst(lc)) == 0)
+					joins = true;
+			if (!joins)
+				plan->leaves = lappend(plan->leaves, lfirst(lc));
+		}
+	}
+	else
+		plan->leaves = leaves;
+}
+
+/* Queue the script that applies a key's final state. */
+static void
+ck_append_apply(CkKeyPlan *plan)
+{
+	CkEntry    *w = plan->final_write;
+	int			njoin = w ? w->ntags : 0;
+	int			nleave = list_length(plan->leaves);
+	int			argc = 0;
+	const char **argv = palloc(sizeof(char *) * (njoin + nleave + 8));
+	size_t	   *lens = palloc(sizeof(size_t) * (njoin + nleave + 8));
+	ListCell   *lc;
+
+	argv[argc++] = "EVALSHA";
+	argv[argc++] = script_sha[CK_SCRIPT_APPLY];
+	argv[argc++] = psprintf("%d", 1 + njoin + nleave);
+	argv[argc++] = plan->group->str;
+	for (int t = 0; t < njoin; t++)
+		argv[argc++] = psprintf("%s%s", ck_tag_prefix, w->tags[t]);
+	foreach(lc, plan->leaves)
+		argv[argc++] = psprintf("%s%s", ck_tag_prefix, (char *) lfirst(lc));
+	argv[argc++] = w ? "set" : "del";
+	argv[argc++] = w && w->value ? w->value : "";
+	argv[argc++] = psprintf("%d", w ? w->ttl : 0);
+	argv[argc++] = psprintf("%d", njoin);
+	for (int i = 0; i < argc; i++)
+		lens[i] = strlen(argv[i]);
+	ck_redis_append(argc, argv, lens);
+}
+
 /*
  * Deliver a batch. Every entry ends up either delivered (failed = false)
  * or refused (failed, with error and transient set). Returns false when the
@@ -204,13 +356,16 @@ ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 	CkGroup    *tags;
 	int			nkeys;
 	int			ntags;
-	CkFlush    *flushes;
+	CkKeyPlan  *plans;
+	CkKeyPlan **simple;
+	int			nsimple = 0;
 	int			nchunks;
+	CkFlush    *flushes;
 	int			active;
 
 	memset(stats, 0, sizeof(CkDeliveryStats));
 
-	/* collect and collapse the keys and tags of all entries */
+	/* collect and collapse the keys and flushed tags of all entries */
 	for (int i = 0; i < n; i++)
 	{
 		nkeyitems += entries[i].nkeys;
@@ -221,20 +376,36 @@ ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 	nkeyitems = ntagitems = 0;
 	for (int i = 0; i < n; i++)
 	{
-		for (int k = 0; k < entries[i].nkeys; k++)
-			keyitems[nkeyitems++] = (CkItem) {entries[i].keys[k], i};
-		for (int t = 0; t < entries[i].ntags; t++)
-			tagitems[ntagitems++] = (CkItem) {entries[i].tags[t], i};
+		CkEntry    *e = &entries[i];
+
+		if (e->kind == CK_KIND_INVALIDATE)
+		{
+			for (int k = 0; k < e->nkeys; k++)
+				keyitems[nkeyitems++] = (CkItem) {e->keys[k], i};
+			for (int t = 0; t < e->ntags; t++)
+				tagitems[ntagitems++] = (CkItem) {e->tags[t], i};
+		}
+		else if (e->nkeys > 0)
+			keyitems[nkeyitems++] = (CkItem) {e->keys[0], i};
 	}
 	nkeys = ck_group_items(keyitems, nkeyitems, &keys);
 	ntags = ck_group_items(tagitems, ntagitems, &tags);
 
-	/* round one: every key deletion and the first step of every flush */
-	nchunks = (nkeys + CK_CHUNK - 1) / CK_CHUNK;
+	plans = palloc(sizeof(CkKeyPlan) * (nkeys + 1));
+	simple = palloc(sizeof(CkKeyPlan *) * (nkeys + 1));
+	for (int k = 0; k < nkeys; k++)
+	{
+		ck_plan_key(entries, &keys[k], &plans[k]);
+		if (plans[k].simple)
+			simple[nsimple++] = &plans[k];
+	}
+
+	/* round one: plain deletes, key scripts, first step of every flush */
+	nchunks = (nsimple + CK_CHUNK - 1) / CK_CHUNK;
 	for (int c = 0; c < nchunks; c++)
 	{
 		int			first = c * CK_CHUNK;
-		int			count = Min(CK_CHUNK, nkeys - first);
+		int			count = Min(CK_CHUNK, nsimple - first);
 		const char **argv = palloc(sizeof(char *) * (count + 1));
 		size_t	   *lens = palloc(sizeof(size_t) * (count + 1));
 
@@ -242,11 +413,14 @@ ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 		lens[0] = 6;
 		for (int k = 0; k < count; k++)
 		{
-			argv[k + 1] = keys[first + k].str;
-			lens[k + 1] = strlen(keys[first + k].str);
+			argv[k + 1] = simple[first + k]->group->str;
+			lens[k + 1] = strlen(argv[k + 1]);
 		}
 		ck_redis_append(count + 1, argv, lens);
 	}
+	for (int k = 0; k < nkeys; k++)
+		if (!plans[k].simple)
+			ck_append_apply(&plans[k]);
 	flushes = palloc0(sizeof(CkFlush) * (ntags + 1));
 	for (int t = 0; t < ntags; t++)
 	{
@@ -257,21 +431,35 @@ ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 		ck_append_flush_step(&flushes[t]);
 	}
 
+	/* replies, in the same order */
 	for (int c = 0; c < nchunks; c++)
 	{
 		CkReply		reply;
 		int			first = c * CK_CHUNK;
-		int			count = Min(CK_CHUNK, nkeys - first);
+		int			count = Min(CK_CHUNK, nsimple - first);
 
 		if (!ck_redis_read(&reply, errmsg))
 			return false;
-		for (int k = 0; k < count; k++)
-		{
-			if (reply.status != CK_REPLY_OK)
-				ck_fail_group(entries, &keys[first + k], &reply);
-		}
-		if (reply.status == CK_REPLY_OK)
+		if (reply.status != CK_REPLY_OK)
+			for (int k = 0; k < count; k++)
+				ck_fail_group(entries, simple[first + k]->group, &reply);
+		else
 			stats->keys_deleted += count;
+	}
+	for (int k = 0; k < nkeys; k++)
+	{
+		CkReply		reply;
+
+		if (plans[k].simple)
+			continue;
+		if (!ck_redis_read(&reply, errmsg))
+			return false;
+		if (reply.status != CK_REPLY_OK)
+			ck_fail_group(entries, plans[k].group, &reply);
+		else if (plans[k].final_write)
+			stats->keys_written++;
+		else
+			stats->keys_deleted++;
 	}
 
 	/* further rounds: one step of every unfinished flush at a time */

@@ -129,14 +129,15 @@ ck_text_array(List *items)
  * keys and tags are Lists of C strings; value may be NULL.
  */
 void
-ck_enqueue(Oid nspid, char kind, List *keys, List *tags, const char *value, int ttl)
+ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
+		   const char *value, int ttl)
 {
 	Oid			relid = ck_queue_relid(nspid);
 	Oid			owner;
 	Oid			save_userid;
 	int			save_sec_context;
-	Datum		values[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 	HeapTuple	reltup;
 	int			rc;
 
@@ -149,27 +150,28 @@ ck_enqueue(Oid nspid, char kind, List *keys, List *tags, const char *value, int 
 	values[0] = CharGetDatum(kind);
 	values[1] = ck_text_array(keys);
 	values[2] = ck_text_array(tags);
+	values[3] = ck_text_array(untags);
 	if (value)
-		values[3] = CStringGetTextDatum(value);
+		values[4] = CStringGetTextDatum(value);
 	else
 	{
-		values[3] = (Datum) 0;
-		nulls[3] = 'n';
+		values[4] = (Datum) 0;
+		nulls[4] = 'n';
 	}
-	values[4] = Int32GetDatum(ttl);
+	values[5] = Int32GetDatum(ttl);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
 	if (insert_plan == NULL || insert_plan_nsp != nspid)
 	{
-		Oid			argtypes[5] = {CHAROID, TEXTARRAYOID, TEXTARRAYOID, TEXTOID, INT4OID};
+		Oid			argtypes[6] = {CHAROID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTOID, INT4OID};
 		char	   *sql;
 		SPIPlanPtr	plan;
 
-		sql = psprintf("INSERT INTO %s.%s (kind, keys, tags, value, ttl) VALUES ($1, $2, $3, $4, $5)",
+		sql = psprintf("INSERT INTO %s.%s (kind, keys, tags, untags, value, ttl) VALUES ($1, $2, $3, $4, $5, $6)",
 					   quote_identifier(get_namespace_name(nspid)), CK_QUEUE_TABLE);
-		plan = SPI_prepare(sql, 5, argtypes);
+		plan = SPI_prepare(sql, 6, argtypes);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		if (insert_plan)
@@ -227,7 +229,7 @@ cachekit_delete(PG_FUNCTION_ARGS)
 	Oid			nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
 
 	if (keys != NIL)
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, NIL, NULL, 0);
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, NIL, NIL, NULL, 0);
 	PG_RETURN_VOID();
 }
 
@@ -239,7 +241,7 @@ cachekit_flush_tag(PG_FUNCTION_ARGS)
 	Oid			nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
 
 	if (tags != NIL)
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, NIL, tags, NULL, 0);
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, NIL, tags, NIL, NULL, 0);
 	PG_RETURN_VOID();
 }
 

@@ -356,7 +356,7 @@ ck_error_is_transient(const char *msg)
 {
 	static const char *const transient[] = {
 		"LOADING", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN",
-		"READONLY", "NOREPLICAS", "NOAUTH", "WRONGPASS", "NOPERM", NULL
+		"READONLY", "NOREPLICAS", "NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT", NULL
 	};
 
 	for (int i = 0; transient[i]; i++)
@@ -401,5 +401,34 @@ ck_redis_read(CkReply *reply, char **errmsg)
 			reply->integer = r->integer;
 	}
 	freeReplyObject(r);
+	return true;
+}
+
+/* SCRIPT LOAD a script; its SHA1 (40 hex digits) goes to sha[41]. */
+bool
+ck_redis_script_load(const char *body, char *sha, char **errmsg)
+{
+	const char *argv[3] = {"SCRIPT", "LOAD", body};
+	size_t		lens[3] = {6, 4, strlen(body)};
+	redisReply *reply;
+
+	reply = redisCommandArgv(conn, 3, argv, lens);
+	if (reply == NULL)
+	{
+		*errmsg = psprintf("SCRIPT LOAD failed: %s", conn->errstr);
+		ck_redis_disconnect();
+		return false;
+	}
+	if (reply->type != REDIS_REPLY_STRING || reply->len != 40)
+	{
+		*errmsg = psprintf("SCRIPT LOAD failed: %s",
+						   reply->type == REDIS_REPLY_ERROR ? reply->str : "unexpected reply");
+		freeReplyObject(reply);
+		ck_redis_disconnect();
+		return false;
+	}
+	memcpy(sha, reply->str, 40);
+	sha[40] = '\0';
+	freeReplyObject(reply);
 	return true;
 }

@@ -16,7 +16,9 @@
 #include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
+#include "funcapi.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/json.h"
@@ -46,6 +48,7 @@ typedef struct CkTriggerConfig
 	int			ttl;			/* write-through: seconds, 0 for none */
 	int			ncolumns;		/* write-through: columns of the value */
 	AttrNumber *columns;
+	TupleDesc	value_desc;		/* write-through: blessed row type of the value */
 } CkTriggerConfig;
 
 static HTAB *trigger_configs = NULL;
@@ -146,6 +149,35 @@ ck_parse_columns(TriggerData *td, int argno, const char *list, CkTriggerConfig *
 		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, "no columns listed");
 }
 
+/*
+ * Write-through: the row type of the value, the selected columns (all by
+ * default) in their order, blessed so that row_to_json can render it.
+ */
+static void
+ck_build_value_desc(TriggerData *td, CkTriggerConfig *cfg)
+{
+	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
+	TupleDesc	desc;
+
+	if (cfg->columns == NULL)
+	{
+		cfg->columns = palloc(sizeof(AttrNumber) * (tupdesc->natts + 1));
+		for (int a = 0; a < tupdesc->natts; a++)
+			if (!TupleDescAttr(tupdesc, a)->attisdropped)
+				cfg->columns[cfg->ncolumns++] = a + 1;
+	}
+	desc = CreateTemplateTupleDesc(cfg->ncolumns);
+	for (int c = 0; c < cfg->ncolumns; c++)
+	{
+		Form_pg_attribute att = TupleDescAttr(tupdesc, cfg->columns[c] - 1);
+
+		TupleDescInitEntry(desc, c + 1, NameStr(att->attname), att->atttypid,
+						   att->atttypmod, att->attndims);
+		TupleDescInitEntryCollation(desc, c + 1, att->attcollation);
+	}
+	cfg->value_desc = BlessTupleDesc(desc);
+}
+
 /* Split "name=rest" where name is a lowercase word; NULL if no option. */
 static char *
 ck_option_name(const char *arg, const char **rest)
@@ -226,6 +258,8 @@ ck_build_config(TriggerData *td, CkTriggerKind kind, CkTriggerConfig *cfg)
 				 errmsg("trigger \"%s\" on table \"%s\" must have exactly one key template, not %d",
 						tg->tgname, RelationGetRelationName(td->tg_relation), cfg->nkeys),
 				 errhint("Pass it as key=<template>, e.g. %s('key=product:{sku}', 'ttl=300').", fname)));
+	if (kind == CK_TRIGGER_WRITE_THROUGH)
+		ck_build_value_desc(td, cfg);
 }
 
 /* Check that the trigger is fired the way this function supports. */
@@ -410,22 +444,112 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 	}
 
 	if (keys != NIL || tags != NIL)
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, tags, NULL, 0);
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, tags, NIL, NULL, 0);
 
 	return PointerGetDatum(NULL);
+}
+
+/* The selected columns of a row version as JSON text. */
+static char *
+ck_row_json(CkTriggerConfig *cfg, HeapTuple tuple, TupleDesc tupdesc)
+{
+	Datum	   *values = palloc(sizeof(Datum) * (cfg->ncolumns + 1));
+	bool	   *nulls = palloc(sizeof(bool) * (cfg->ncolumns + 1));
+	HeapTuple	row;
+	Datum		json;
+
+	for (int c = 0; c < cfg->ncolumns; c++)
+		values[c] = heap_getattr(tuple, cfg->columns[c], tupdesc, &nulls[c]);
+	row = heap_form_tuple(cfg->value_desc, values, nulls);
+	json = DirectFunctionCall1(row_to_json, HeapTupleGetDatum(row));
+	return text_to_cstring(DatumGetTextPP(json));
+}
+
+/* Tags in list "a" that are not in list "b". */
+static List *
+ck_list_minus(List *a, List *b)
+{
+	List	   *result = NIL;
+	ListCell   *lc;
+
+	foreach(lc, a)
+	{
+		ListCell   *lc2;
+		bool		found = false;
+
+		foreach(lc2, b)
+			if (strcmp((char *) lfirst(lc), (char *) lfirst(lc2)) == 0)
+				found = true;
+		if (!found)
+			result = lappend(result, lfirst(lc));
+	}
+	return result;
 }
 
 /*
  * cachekit_write_through(key=..., ttl=..., columns=..., tag=...): AFTER
  * INSERT OR UPDATE OR DELETE FOR EACH ROW trigger that writes the row as
- * JSON to its key (and lists the key in its tags), or deletes it.
+ * JSON to its key (and lists the key in its tags' sets), or deletes it.
  */
 Datum
 cachekit_write_through(PG_FUNCTION_ARGS)
 {
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	CkTriggerConfig *cfg;
+	TupleDesc	tupdesc;
+	HeapTuple	oldtup;
+	HeapTuple	newtup;
+	StringInfoData buf;
+	char	   *oldkey = NULL;
+	char	   *newkey = NULL;
+	List	   *oldtags = NIL;
+	List	   *newtags = NIL;
+	Oid			nspid;
+
 	ck_check_firing(fcinfo, "cachekit_write_through", false);
-	ereport(ERROR,
-			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-			 errmsg("cachekit_write_through is not available yet")));
+	nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+	cfg = ck_get_config(td, CK_TRIGGER_WRITE_THROUGH);
+	tupdesc = RelationGetDescr(td->tg_relation);
+	ck_event_tuples(td, &oldtup, &newtup);
+
+	initStringInfo(&buf);
+	if (oldtup)
+	{
+		if (ck_template_render(&cfg->keys[0], oldtup, tupdesc, &buf))
+			oldkey = pstrdup(buf.data);
+		oldtags = ck_render_all(NIL, cfg->tags, cfg->ntags, oldtup, tupdesc, &buf);
+	}
+	if (newtup)
+	{
+		if (ck_template_render(&cfg->keys[0], newtup, tupdesc, &buf))
+			newkey = pstrdup(buf.data);
+		newtags = ck_render_all(NIL, cfg->tags, cfg->ntags, newtup, tupdesc, &buf);
+	}
+
+	/* the old key goes when the row is deleted or its key changed */
+	if (oldkey && (newkey == NULL || strcmp(oldkey, newkey) != 0))
+		ck_enqueue(nspid, CK_KIND_DROP, list_make1(oldkey), NIL, oldtags, NULL, 0);
+
+	if (newkey)
+	{
+		char	   *value = ck_row_json(cfg, newtup, tupdesc);
+		List	   *leaving = NIL;
+
+		/* the same key leaves the sets of tags it no longer has */
+		if (oldkey && strcmp(oldkey, newkey) == 0)
+			leaving = ck_list_minus(oldtags, newtags);
+
+		if (strlen(value) > (size_t) ck_max_value_bytes)
+		{
+			/* too large to cache: make sure no stale value stays */
+			pg_atomic_fetch_add_u64(&ck_shared->values_too_large, 1);
+			ck_enqueue(nspid, CK_KIND_DROP, list_make1(newkey), NIL,
+					   list_concat(leaving, newtags), NULL, 0);
+		}
+		else
+			ck_enqueue(nspid, CK_KIND_WRITE, list_make1(newkey), newtags, leaving,
+					   value, cfg->ttl);
+	}
+
 	return PointerGetDatum(NULL);
 }

@@ -117,7 +117,7 @@ ck_ensure_connection(void)
 		ck_report_failure(psprintf("invalid cachekit.redis_url: %s", err), true);
 		return false;
 	}
-	if (!ck_redis_connect(&url, &err))
+	if (!ck_redis_connect(&url, &err) || !ck_deliver_prepare(&err))
 	{
 		ck_report_failure(err, true);
 		return false;
@@ -201,7 +201,7 @@ ck_read_batch(const char *schema, MemoryContext batch_cxt, CkEntry **entries_out
 	CkEntry    *entries;
 	int			n;
 
-	sql = psprintf("SELECT id, kind, keys, tags, value, ttl, attempts FROM %s.%s "
+	sql = psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts FROM %s.%s "
 				   "ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE);
 	args[0] = Int32GetDatum(ck_batch_size);
 	rc = SPI_execute_with_args(sql, 1, argtypes, args, NULL, true, 0);
@@ -224,10 +224,11 @@ ck_read_batch(const char *schema, MemoryContext batch_cxt, CkEntry **entries_out
 		e->kind = DatumGetChar(SPI_getbinval(tup, desc, 2, &isnull));
 		e->nkeys = ck_copy_text_array(SPI_getbinval(tup, desc, 3, &isnull), &e->keys);
 		e->ntags = ck_copy_text_array(SPI_getbinval(tup, desc, 4, &isnull), &e->tags);
-		d = SPI_getbinval(tup, desc, 5, &isnull);
+		e->nuntags = ck_copy_text_array(SPI_getbinval(tup, desc, 5, &isnull), &e->untags);
+		d = SPI_getbinval(tup, desc, 6, &isnull);
 		e->value = isnull ? NULL : TextDatumGetCString(d);
-		e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
-		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
+		e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
+		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
 		MemoryContextSwitchTo(old);
 	}
 	*entries_out = entries;
@@ -320,8 +321,8 @@ ck_settle_batch(const char *schema, CkEntry *entries, int n)
 	{
 		ck_exec_ids(psprintf("WITH moved AS (DELETE FROM %s.%s q USING unnest($1, $2) AS u(id, err) "
 							 "WHERE q.id = u.id RETURNING q.*, u.err) "
-							 "INSERT INTO %s.%s (id, kind, keys, tags, value, ttl, attempts, error, enqueued_at) "
-							 "SELECT id, kind, keys, tags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
+							 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at) "
+							 "SELECT id, kind, keys, tags, untags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
 							 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE),
 					ids, ck_error_array(entries, n, 2), SPI_OK_INSERT);
 		pg_atomic_fetch_add_u64(&ck_shared->dead_lettered, count);
@@ -402,10 +403,16 @@ ck_pass(MemoryContext batch_cxt)
 	SpinLockRelease(&ck_shared->mutex);
 	ConditionVariableBroadcast(&ck_shared->delivered_cv);
 
+	if (transient)
+	{
+		/* e.g. NOSCRIPT or LOADING: start afresh on a new connection */
+		ck_redis_disconnect();
+		ck_set_connected(false);
+	}
 	if (refused || transient)
 	{
-		ck_report_failure(psprintf("Redis refused %s entry: %s",
-								   transient ? "a queue" : "a queue", err), false);
+		ck_report_failure(psprintf("Redis refused a queue entry%s: %s",
+								   transient ? " (will retry)" : "", err), false);
 		return CK_PASS_FAILED;
 	}
 	return n >= ck_batch_size ? CK_PASS_MORE : CK_PASS_IDLE;

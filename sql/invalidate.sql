@@ -1,0 +1,80 @@
+-- Bad trigger arguments and firings: clear errors with errcodes
+CREATE EXTENSION cachekit;
+\set SHOW_CONTEXT never
+SET client_min_messages = warning;
+
+CREATE FUNCTION try(sql text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+	EXECUTE sql;
+	RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+	RETURN SQLSTATE || ': ' || SQLERRM;
+END $$;
+
+CREATE TABLE t (id int, email text);
+CREATE FUNCTION attach(VARIADIC args text[]) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+	r text;
+BEGIN
+	DROP TRIGGER IF EXISTS t_cache ON t;
+	EXECUTE format('CREATE TRIGGER t_cache AFTER INSERT OR UPDATE OR DELETE ON t FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate(%s)',
+				   (SELECT string_agg(quote_literal(a), ', ') FROM unnest(args) a));
+	r := try('INSERT INTO t VALUES (1, ''a@x'')');
+	DROP TRIGGER t_cache ON t;
+	RETURN r;
+END $$;
+
+SELECT attach('user:{nope}');
+SELECT attach('key=user:{id}', 'tag=team:{team_id}');
+SELECT attach('user:{id');
+SELECT attach('user:id}');
+SELECT attach('user:{}');
+SELECT attach('user:{a{b}');
+SELECT attach('');
+SELECT attach('key=');
+SELECT attach('tag=');
+SELECT attach('ttl=30', 'user:{id}');
+SELECT attach('colour=red');
+SELECT attach('Key=x');
+SELECT attach('user:{{id}}');
+SELECT count(*) FROM cachekit_queue;
+TRUNCATE cachekit_queue;
+
+-- no templates at all
+CREATE TRIGGER t_none AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate();
+SELECT try('INSERT INTO t VALUES (2, ''b'')');
+DROP TRIGGER t_none ON t;
+
+-- the full error, with its detail
+CREATE TRIGGER t_bad AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('ok:{id}', 'bad:{mail}');
+INSERT INTO t VALUES (3, 'c');
+DROP TRIGGER t_bad ON t;
+
+-- wrong timing and level
+CREATE TRIGGER t_before BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('user:{id}');
+SELECT try('INSERT INTO t VALUES (4, ''d'')');
+DROP TRIGGER t_before ON t;
+CREATE TRIGGER t_stmt AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate('users');
+SELECT try('INSERT INTO t VALUES (5, ''e'')');
+DROP TRIGGER t_stmt ON t;
+CREATE TRIGGER t_trunc AFTER TRUNCATE ON t FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate('user:{id}');
+SELECT try('TRUNCATE t');
+DROP TRIGGER t_trunc ON t;
+CREATE VIEW v AS SELECT * FROM t;
+CREATE TRIGGER v_instead INSTEAD OF INSERT ON v FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('user:{id}');
+SELECT try('INSERT INTO v VALUES (6, ''f'')');
+DROP VIEW v;
+
+-- not callable directly
+SELECT try('SELECT cachekit_invalidate()');
+
+-- a failed trigger leaves no queue entry behind; the next valid one works
+SELECT count(*) FROM cachekit_queue;
+CREATE TRIGGER t_ok AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('user:{id}');
+INSERT INTO t VALUES (7, 'g');
+SELECT keys FROM cachekit_queue;
+
+DROP TABLE t;
+DROP FUNCTION attach(text[]);
+DROP FUNCTION try(text);
+DROP EXTENSION cachekit;

@@ -1,0 +1,72 @@
+-- Settings and privileges
+\set SHOW_CONTEXT never
+CREATE EXTENSION cachekit;
+
+SELECT name, setting, unit, context FROM pg_settings WHERE name LIKE 'cachekit.%' ORDER BY name;
+
+-- the prefix is reserved
+SET cachekit.no_such_setting = 1;
+
+-- a malformed URL is refused without echoing it
+ALTER SYSTEM SET cachekit.redis_url = 'http://127.0.0.1:6379';
+ALTER SYSTEM SET cachekit.redis_url = 'redis://:s3cret@127.0.0.1:99999/0';
+ALTER SYSTEM SET cachekit.redis_url = 'redis://:s3cret@127.0.0.1:6379/db';
+ALTER SYSTEM SET cachekit.redis_url = 'redis://s3cret@127.0.0.1:6379/0';
+ALTER SYSTEM SET cachekit.redis_url = 'redis://:s3cret%zz@127.0.0.1/0';
+ALTER SYSTEM SET cachekit.redis_url = 'redis://';
+ALTER SYSTEM SET cachekit.redis_url = 'rediss://127.0.0.1';
+ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:6379/0 extra';
+-- not settable per session
+SET cachekit.redis_url = 'redis://127.0.0.1';
+
+-- a role that only writes a watched table
+CREATE ROLE ck_writer LOGIN;
+CREATE ROLE ck_monitor LOGIN;
+GRANT CREATE ON SCHEMA public TO ck_writer;
+CREATE TABLE watched (id int PRIMARY KEY, v text);
+CREATE TRIGGER watched_cache AFTER INSERT OR UPDATE ON watched
+	FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('w:{id}');
+GRANT INSERT, UPDATE, SELECT ON watched TO ck_writer;
+GRANT SELECT ON cachekit_stats TO ck_monitor;
+GRANT EXECUTE ON FUNCTION cachekit_wait(interval) TO ck_monitor;
+
+SET ROLE ck_writer;
+-- the password-bearing URL is hidden
+SHOW cachekit.redis_url;
+SELECT count(*) FROM pg_settings WHERE name = 'cachekit.redis_url';
+SHOW cachekit.tag_prefix;
+-- writes fire the trigger without any grant on the queue
+INSERT INTO watched VALUES (1, 'a');
+UPDATE watched SET v = 'b';
+-- but the queue, the dead letters and the functions are closed
+SELECT count(*) FROM cachekit_queue;
+SELECT count(*) FROM cachekit_dead_letter;
+INSERT INTO cachekit_queue (kind, keys) VALUES ('i', '{x}');
+SELECT cachekit_delete('any');
+SELECT cachekit_flush_tag('any');
+SELECT cachekit_replay_dead_letters();
+SELECT * FROM cachekit_stats;
+-- and it cannot attach cachekit triggers to its own tables
+CREATE TABLE mine (id int);
+CREATE TRIGGER mine_cache AFTER INSERT ON mine
+	FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('{id}');
+CREATE TRIGGER mine_wt AFTER INSERT ON mine
+	FOR EACH ROW EXECUTE FUNCTION cachekit_write_through('key={id}');
+DROP TABLE mine;
+RESET ROLE;
+
+SELECT keys FROM cachekit_queue ORDER BY id;
+
+-- a monitoring role sees the stats, not the secrets or the queue
+SET ROLE ck_monitor;
+SELECT queue_depth FROM cachekit_stats;
+SELECT cachekit_wait('0');
+SELECT count(*) FROM cachekit_queue;
+SHOW cachekit.redis_url;
+RESET ROLE;
+
+DROP TABLE watched;
+DROP EXTENSION cachekit;
+REVOKE ALL ON SCHEMA public FROM ck_writer;
+DROP ROLE ck_writer;
+DROP ROLE ck_monitor;
