@@ -108,25 +108,26 @@ static void
 ck_parse_columns(TriggerData *td, int argno, const char *list, CkTriggerConfig *cfg)
 {
 	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
-	char	   *copy = pstrdup(list);
-	char	   *tok;
-	char	   *save = NULL;
+	const char *p = list;
 
 	cfg->columns = palloc(sizeof(AttrNumber) * (tupdesc->natts + 1));
 	cfg->ncolumns = 0;
-	for (tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+	if (*list == '\0')
+		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, "no columns listed");
+	for (;;)
 	{
-		char	   *name = tok;
-		char	   *end;
+		const char *comma = strchr(p, ',');
+		const char *end = comma ? comma : p + strlen(p);
+		char	   *name;
 		AttrNumber	attnum = InvalidAttrNumber;
 
-		while (*name == ' ')
-			name++;
-		end = name + strlen(name);
-		while (end > name && end[-1] == ' ')
-			*--end = '\0';
-		if (*name == '\0')
+		while (p < end && *p == ' ')
+			p++;
+		while (end > p && end[-1] == ' ')
+			end--;
+		if (end == p)
 			ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, "empty column name");
+		name = pnstrdup(p, end - p);
 		for (int a = 0; a < tupdesc->natts; a++)
 		{
 			Form_pg_attribute att = TupleDescAttr(tupdesc, a);
@@ -141,12 +142,11 @@ ck_parse_columns(TriggerData *td, int argno, const char *list, CkTriggerConfig *
 			if (cfg->columns[c] == attnum)
 				ck_bad_argument(td, argno, ERRCODE_DUPLICATE_COLUMN,
 								psprintf("column \"%s\" is listed twice", name));
-		if (cfg->ncolumns >= tupdesc->natts)
-			break;
 		cfg->columns[cfg->ncolumns++] = attnum;
+		if (comma == NULL)
+			break;
+		p = comma + 1;
 	}
-	if (cfg->ncolumns == 0)
-		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, "no columns listed");
 }
 
 /*
