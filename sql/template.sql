@@ -91,3 +91,34 @@ TRUNCATE cachekit_queue;
 
 DROP TABLE items, notes;
 DROP EXTENSION cachekit;
+
+-- statement-level triggers read the transition tables: one entry per
+-- statement (per 1000 keys and tags), each key and tag once
+CREATE EXTENSION cachekit;
+CREATE TABLE users (id int PRIMARY KEY, email text, team_id int);
+INSERT INTO users SELECT g, 'u' || g || '@x', g % 3 FROM generate_series(1, 10) g;
+CREATE TRIGGER users_stmt AFTER UPDATE ON users
+	REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+	FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate('user:{id}', 'key=email:{email}', 'tag=team:{team_id}');
+CREATE TRIGGER users_stmt_ins AFTER INSERT ON users
+	REFERENCING NEW TABLE AS new_rows
+	FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate('user:{id}', 'tag=team:{team_id}');
+CREATE TRIGGER users_stmt_del AFTER DELETE ON users
+	REFERENCING OLD TABLE AS old_rows
+	FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate('user:{id}', 'tag=team:{team_id}');
+UPDATE users SET team_id = 5 WHERE id <= 4;
+SELECT kind, keys, tags FROM cachekit_queue ORDER BY id;
+TRUNCATE cachekit_queue;
+UPDATE users SET email = NULL WHERE id = 1;
+INSERT INTO users VALUES (11, 'a', 1), (12, 'b', 1);
+DELETE FROM users WHERE id > 10;
+UPDATE users SET team_id = team_id WHERE false;
+SELECT kind, keys, tags FROM cachekit_queue ORDER BY id;
+TRUNCATE cachekit_queue;
+-- a large statement is split into entries of at most 1000 keys and tags
+UPDATE users SET id = id + 0;
+INSERT INTO users SELECT g, NULL, g % 7 FROM generate_series(100, 2599) g;
+SELECT kind, cardinality(keys) AS keys, cardinality(tags) AS tags FROM cachekit_queue ORDER BY id;
+TRUNCATE cachekit_queue;
+DROP TABLE users;
+DROP EXTENSION cachekit;

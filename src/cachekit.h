@@ -15,6 +15,7 @@
 
 #include "access/htup.h"
 #include "access/tupdesc.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
@@ -101,8 +102,8 @@ typedef struct CkTemplate
 
 extern char *ck_template_parse(const char *source, CkTemplate *tpl);
 extern char *ck_template_bind(CkTemplate *tpl, TupleDesc tupdesc);
-extern bool ck_template_render(CkTemplate *tpl, HeapTuple tuple,
-							   TupleDesc tupdesc, StringInfo out);
+extern bool ck_template_render(CkTemplate *tpl, TupleTableSlot *slot,
+							   StringInfo out);
 
 /*---- the queue (queue.c) ----*/
 

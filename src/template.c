@@ -135,12 +135,11 @@ ck_template_bind(CkTemplate *tpl, TupleDesc tupdesc)
 }
 
 /*
- * Render the template for one row into out (which is reset first).
+ * Render the template for one row version into out (which is reset first).
  * Returns false when a referenced column is NULL: no key for this row.
  */
 bool
-ck_template_render(CkTemplate *tpl, HeapTuple tuple, TupleDesc tupdesc,
-				   StringInfo out)
+ck_template_render(CkTemplate *tpl, TupleTableSlot *slot, StringInfo out)
 {
 	resetStringInfo(out);
 	for (int i = 0; i < tpl->nparts; i++)
@@ -155,7 +154,7 @@ ck_template_render(CkTemplate *tpl, HeapTuple tuple, TupleDesc tupdesc,
 			appendStringInfoString(out, part->literal);
 			continue;
 		}
-		value = heap_getattr(tuple, part->attnum, tupdesc, &isnull);
+		value = slot_getattr(slot, part->attnum, &isnull);
 		if (isnull)
 			return false;
 		text = OutputFunctionCall(&part->outfunc, value);

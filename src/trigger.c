@@ -26,6 +26,8 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/tuplestore.h"
+#include "executor/tuptable.h"
 
 /* which trigger function a configuration was parsed for */
 typedef enum CkTriggerKind
@@ -264,7 +266,7 @@ ck_build_config(TriggerData *td, CkTriggerKind kind, CkTriggerConfig *cfg)
 
 /* Check that the trigger is fired the way this function supports. */
 static void
-ck_check_firing(FunctionCallInfo fcinfo, const char *fname, bool truncate_ok)
+ck_check_firing(FunctionCallInfo fcinfo, const char *fname, bool statement_ok)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
 
@@ -280,19 +282,18 @@ ck_check_firing(FunctionCallInfo fcinfo, const char *fname, bool truncate_ok)
 				 errdetail("%s only sees committed row versions from AFTER triggers.", fname)));
 	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
 	{
-		if (!truncate_ok)
+		if (!statement_ok)
 			ereport(ERROR,
 					(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 					 errmsg("trigger \"%s\" on table \"%s\" cannot be fired by TRUNCATE",
 							td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
 					 errhint("Use cachekit_invalidate with templates without placeholders for TRUNCATE.")));
 	}
-	else if (!TRIGGER_FIRED_FOR_ROW(td->tg_event))
+	else if (!TRIGGER_FIRED_FOR_ROW(td->tg_event) && !statement_ok)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("trigger \"%s\" on table \"%s\" must be FOR EACH ROW",
-						td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
-				 errhint("Only AFTER TRUNCATE triggers may be FOR EACH STATEMENT.")));
+						td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation))));
 }
 
 /* The parsed configuration of the firing trigger, parsing it if needed. */
@@ -361,57 +362,164 @@ ck_add_unique(List *list, const char *s)
 	return lappend(list, pstrdup(s));
 }
 
-/* Render templates for one row version, adding to a list of strings. */
+/*
+ * Render templates for one row version (NULL for TRUNCATE, whose templates
+ * are plain text), adding to a list of distinct strings.
+ */
 static List *
-ck_render_all(List *list, CkTemplate *tpls, int n, HeapTuple tuple, TupleDesc tupdesc,
-			  StringInfo buf)
+ck_render_all(List *list, CkTemplate *tpls, int n, TupleTableSlot *slot, StringInfo buf)
 {
 	for (int i = 0; i < n; i++)
-	{
-		if (tuple == NULL)
-		{
-			/* TRUNCATE: templates are plain text */
-			resetStringInfo(buf);
-			for (int p = 0; p < tpls[i].nparts; p++)
-				appendStringInfoString(buf, tpls[i].parts[p].literal);
-		}
-		else if (!ck_template_render(&tpls[i], tuple, tupdesc, buf))
-			continue;			/* a NULL column: no key for this row */
-		list = ck_add_unique(list, buf->data);
-	}
+		if (ck_template_render(&tpls[i], slot, buf))
+			list = ck_add_unique(list, buf->data);
+	/* else a NULL column: no key for this row */
 	return list;
 }
 
-/* The row versions a trigger event renders from: NEW, OLD, or both. */
+/* The row versions a row trigger event renders from: NEW, OLD, or both. */
 static void
-ck_event_tuples(TriggerData *td, HeapTuple *oldtup, HeapTuple *newtup)
+ck_event_slots(TriggerData *td, TupleTableSlot **oldslot, TupleTableSlot **newslot)
 {
-	*oldtup = NULL;
-	*newtup = NULL;
+	*oldslot = NULL;
+	*newslot = NULL;
 	if (TRIGGER_FIRED_BY_INSERT(td->tg_event))
-		*newtup = td->tg_trigtuple;
+		*newslot = td->tg_trigslot;
 	else if (TRIGGER_FIRED_BY_DELETE(td->tg_event))
-		*oldtup = td->tg_trigtuple;
+		*oldslot = td->tg_trigslot;
 	else if (TRIGGER_FIRED_BY_UPDATE(td->tg_event))
 	{
-		*oldtup = td->tg_trigtuple;
-		*newtup = td->tg_newtuple;
+		*oldslot = td->tg_trigslot;
+		*newslot = td->tg_newslot;
+	}
+}
+
+/* a growing array of strings, for a statement's many rows */
+typedef struct CkStrings
+{
+	char	  **items;
+	int			n;
+	int			cap;
+} CkStrings;
+
+/* Render templates for every row of a transition table into out. */
+static void
+ck_render_table(Tuplestorestate *table, TupleDesc tupdesc, CkTemplate *tpls, int ntpls,
+				CkStrings *out, StringInfo buf)
+{
+	TupleTableSlot *slot = MakeSingleTupleTableSlot(tupdesc, &TTSOpsMinimalTuple);
+
+	tuplestore_rescan(table);
+	while (tuplestore_gettupleslot(table, true, false, slot))
+	{
+		for (int i = 0; i < ntpls; i++)
+		{
+			if (!ck_template_render(&tpls[i], slot, buf))
+				continue;
+			if (out->n == out->cap)
+			{
+				out->cap = out->cap ? out->cap * 2 : 1024;
+				out->items = out->items ? repalloc_huge(out->items, sizeof(char *) * out->cap)
+					: palloc(sizeof(char *) * out->cap);
+			}
+			out->items[out->n++] = pnstrdup(buf->data, buf->len);
+		}
+	}
+	ExecDropSingleTupleTableSlot(slot);
+}
+
+/* qsort comparator for C strings. */
+static int
+ck_strcmp(const void *a, const void *b)
+{
+	return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+/* Sort and drop duplicates. */
+static void
+ck_strings_unique(CkStrings *s)
+{
+	int			k = 0;
+
+	if (s->n == 0)
+		return;
+	qsort(s->items, s->n, sizeof(char *), ck_strcmp);
+	for (int i = 1; i < s->n; i++)
+		if (strcmp(s->items[i], s->items[k]) != 0)
+			s->items[++k] = s->items[i];
+	s->n = k + 1;
+}
+
+/* keys plus tags in one queue entry of a statement-level trigger */
+#define CK_STATEMENT_CHUNK 1000
+
+/*
+ * Statement-level invalidation from the transition tables: every key and
+ * tag of the statement, each once, in queue entries of bounded size.
+ */
+static void
+ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
+{
+	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
+	bool		need_old = !TRIGGER_FIRED_BY_INSERT(td->tg_event);
+	bool		need_new = !TRIGGER_FIRED_BY_DELETE(td->tg_event);
+	CkStrings	keys = {0};
+	CkStrings	tags = {0};
+	StringInfoData buf;
+	int			k = 0;
+	int			t = 0;
+
+	if ((need_old && td->tg_oldtable == NULL) || (need_new && td->tg_newtable == NULL))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("statement-level trigger \"%s\" on table \"%s\" needs its transition tables",
+						td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
+				 errhint("Declare it with REFERENCING %s FOR EACH STATEMENT, or make it FOR EACH ROW.",
+						 need_old && need_new ? "OLD TABLE AS old_rows NEW TABLE AS new_rows" :
+						 need_old ? "OLD TABLE AS old_rows" : "NEW TABLE AS new_rows")));
+
+	initStringInfo(&buf);
+	if (need_old)
+	{
+		ck_render_table(td->tg_oldtable, tupdesc, cfg->keys, cfg->nkeys, &keys, &buf);
+		ck_render_table(td->tg_oldtable, tupdesc, cfg->tags, cfg->ntags, &tags, &buf);
+	}
+	if (need_new)
+	{
+		ck_render_table(td->tg_newtable, tupdesc, cfg->keys, cfg->nkeys, &keys, &buf);
+		ck_render_table(td->tg_newtable, tupdesc, cfg->tags, cfg->ntags, &tags, &buf);
+	}
+	ck_strings_unique(&keys);
+	ck_strings_unique(&tags);
+
+	while (k < keys.n || t < tags.n)
+	{
+		List	   *chunk_keys = NIL;
+		List	   *chunk_tags = NIL;
+		int			room = CK_STATEMENT_CHUNK;
+
+		for (; k < keys.n && room > 0; k++, room--)
+			chunk_keys = lappend(chunk_keys, keys.items[k]);
+		for (; t < tags.n && room > 0; t++, room--)
+			chunk_tags = lappend(chunk_tags, tags.items[t]);
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, chunk_keys, chunk_tags, NIL, NULL, 0);
+		list_free(chunk_keys);
+		list_free(chunk_tags);
 	}
 }
 
 /*
- * cachekit_invalidate(templates...): AFTER INSERT OR UPDATE OR DELETE FOR
- * EACH ROW (or AFTER TRUNCATE FOR EACH STATEMENT) trigger that deletes the
- * rendered keys and flushes the rendered tags once the transaction commits.
+ * cachekit_invalidate(templates...): trigger that deletes the rendered keys
+ * and flushes the rendered tags once the transaction commits. AFTER INSERT
+ * OR UPDATE OR DELETE, FOR EACH ROW or FOR EACH STATEMENT with transition
+ * tables; or AFTER TRUNCATE with templates without placeholders.
  */
 Datum
 cachekit_invalidate(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
 	CkTriggerConfig *cfg;
-	TupleDesc	tupdesc;
-	HeapTuple	oldtup;
-	HeapTuple	newtup;
+	TupleTableSlot *oldslot;
+	TupleTableSlot *newslot;
 	List	   *keys = NIL;
 	List	   *tags = NIL;
 	StringInfoData buf;
@@ -420,27 +528,24 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 	ck_check_firing(fcinfo, "cachekit_invalidate", true);
 	nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
 	cfg = ck_get_config(td, CK_TRIGGER_INVALIDATE);
-	tupdesc = RelationGetDescr(td->tg_relation);
+
+	if (!TRIGGER_FIRED_BY_TRUNCATE(td->tg_event) && !TRIGGER_FIRED_FOR_ROW(td->tg_event))
+	{
+		ck_invalidate_statement(td, cfg, nspid);
+		return PointerGetDatum(NULL);
+	}
 
 	initStringInfo(&buf);
-	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
+	ck_event_slots(td, &oldslot, &newslot);
+	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event) || oldslot)
 	{
-		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, NULL, tupdesc, &buf);
-		tags = ck_render_all(tags, cfg->tags, cfg->ntags, NULL, tupdesc, &buf);
+		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, oldslot, &buf);
+		tags = ck_render_all(tags, cfg->tags, cfg->ntags, oldslot, &buf);
 	}
-	else
+	if (newslot)
 	{
-		ck_event_tuples(td, &oldtup, &newtup);
-		if (oldtup)
-		{
-			keys = ck_render_all(keys, cfg->keys, cfg->nkeys, oldtup, tupdesc, &buf);
-			tags = ck_render_all(tags, cfg->tags, cfg->ntags, oldtup, tupdesc, &buf);
-		}
-		if (newtup)
-		{
-			keys = ck_render_all(keys, cfg->keys, cfg->nkeys, newtup, tupdesc, &buf);
-			tags = ck_render_all(tags, cfg->tags, cfg->ntags, newtup, tupdesc, &buf);
-		}
+		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, newslot, &buf);
+		tags = ck_render_all(tags, cfg->tags, cfg->ntags, newslot, &buf);
 	}
 
 	if (keys != NIL || tags != NIL)
@@ -451,7 +556,7 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 
 /* The selected columns of a row version as JSON text. */
 static char *
-ck_row_json(CkTriggerConfig *cfg, HeapTuple tuple, TupleDesc tupdesc)
+ck_row_json(CkTriggerConfig *cfg, TupleTableSlot *slot)
 {
 	Datum	   *values = palloc(sizeof(Datum) * (cfg->ncolumns + 1));
 	bool	   *nulls = palloc(sizeof(bool) * (cfg->ncolumns + 1));
@@ -459,7 +564,7 @@ ck_row_json(CkTriggerConfig *cfg, HeapTuple tuple, TupleDesc tupdesc)
 	Datum		json;
 
 	for (int c = 0; c < cfg->ncolumns; c++)
-		values[c] = heap_getattr(tuple, cfg->columns[c], tupdesc, &nulls[c]);
+		values[c] = slot_getattr(slot, cfg->columns[c], &nulls[c]);
 	row = heap_form_tuple(cfg->value_desc, values, nulls);
 	json = DirectFunctionCall1(row_to_json, HeapTupleGetDatum(row));
 	return text_to_cstring(DatumGetTextPP(json));
@@ -496,9 +601,8 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
 	CkTriggerConfig *cfg;
-	TupleDesc	tupdesc;
-	HeapTuple	oldtup;
-	HeapTuple	newtup;
+	TupleTableSlot *oldslot;
+	TupleTableSlot *newslot;
 	StringInfoData buf;
 	char	   *oldkey = NULL;
 	char	   *newkey = NULL;
@@ -509,21 +613,20 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 	ck_check_firing(fcinfo, "cachekit_write_through", false);
 	nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
 	cfg = ck_get_config(td, CK_TRIGGER_WRITE_THROUGH);
-	tupdesc = RelationGetDescr(td->tg_relation);
-	ck_event_tuples(td, &oldtup, &newtup);
+	ck_event_slots(td, &oldslot, &newslot);
 
 	initStringInfo(&buf);
-	if (oldtup)
+	if (oldslot)
 	{
-		if (ck_template_render(&cfg->keys[0], oldtup, tupdesc, &buf))
+		if (ck_template_render(&cfg->keys[0], oldslot, &buf))
 			oldkey = pstrdup(buf.data);
-		oldtags = ck_render_all(NIL, cfg->tags, cfg->ntags, oldtup, tupdesc, &buf);
+		oldtags = ck_render_all(NIL, cfg->tags, cfg->ntags, oldslot, &buf);
 	}
-	if (newtup)
+	if (newslot)
 	{
-		if (ck_template_render(&cfg->keys[0], newtup, tupdesc, &buf))
+		if (ck_template_render(&cfg->keys[0], newslot, &buf))
 			newkey = pstrdup(buf.data);
-		newtags = ck_render_all(NIL, cfg->tags, cfg->ntags, newtup, tupdesc, &buf);
+		newtags = ck_render_all(NIL, cfg->tags, cfg->ntags, newslot, &buf);
 	}
 
 	/* the old key goes when the row is deleted or its key changed */
@@ -532,7 +635,7 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 
 	if (newkey)
 	{
-		char	   *value = ck_row_json(cfg, newtup, tupdesc);
+		char	   *value = ck_row_json(cfg, newslot);
 		List	   *leaving = NIL;
 
 		/* the same key leaves the sets of tags it no longer has */
