@@ -144,3 +144,20 @@ REVOKE ALL ON FUNCTION cachekit_flush_tag(text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cachekit_wait(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cachekit_replay_dead_letters(bigint[]) FROM PUBLIC;
 REVOKE ALL ON cachekit_stats FROM PUBLIC;
+
+-- Say so at once when nothing would deliver this database's queue.
+DO $$
+BEGIN
+	IF current_setting('cachekit.database', true) IS NULL THEN
+		RAISE WARNING 'cachekit is not loaded through shared_preload_libraries'
+			USING DETAIL = 'Work queued by cachekit''s triggers and functions is delivered by its background worker, which runs only when the library is preloaded.',
+				  HINT = 'Add cachekit to shared_preload_libraries and restart the server.';
+	ELSIF current_setting('cachekit.database') <> current_database() THEN
+		RAISE WARNING 'cachekit''s worker serves database "%", not "%"',
+			current_setting('cachekit.database'), current_database()
+			USING DETAIL = 'Work queued in this database stays in its queue until the worker serves it.',
+				  HINT = format('Set cachekit.database = %L and restart the server, or create the extension in database %I.',
+								current_database(), current_setting('cachekit.database'));
+	END IF;
+END
+$$;

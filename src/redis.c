@@ -333,6 +333,13 @@ ck_redis_disconnect(void)
 	conn = NULL;
 }
 
+/* The connection's socket, or -1. */
+int
+ck_redis_socket(void)
+{
+	return conn ? conn->fd : -1;
+}
+
 /* Is there a usable connection? */
 bool
 ck_redis_connected(void)

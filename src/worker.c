@@ -15,6 +15,8 @@
  */
 #include "cachekit.h"
 
+#include <sys/socket.h>
+
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -46,6 +48,9 @@ typedef enum CkPass
 } CkPass;
 
 static bool redis_down = false;	/* logged the loss, not yet the return */
+
+/* the Redis socket while a batch is on the wire, for the SIGTERM handler */
+static volatile sig_atomic_t busy_socket = -1;
 static char *current_host = NULL;	/* for messages, without the password */
 
 /* Register the worker with the postmaster (from _PG_init). */
@@ -64,6 +69,21 @@ ck_register_worker(void)
 	snprintf(worker.bgw_name, BGW_MAXLEN, "cachekit worker");
 	snprintf(worker.bgw_type, BGW_MAXLEN, "cachekit worker");
 	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * SIGTERM: the usual die(), and if we are waiting for Redis, cut the socket
+ * so that shutdown is not held up by a slow or stopped Redis server.
+ */
+static void
+ck_sigterm(SIGNAL_ARGS)
+{
+	int			save_errno = errno;
+
+	if (busy_socket >= 0)
+		shutdown(busy_socket, SHUT_RDWR);
+	errno = save_errno;
+	die(postgres_signal_arg);
 }
 
 /* Exit callback: stop advertising our latch. */
@@ -348,6 +368,7 @@ ck_pass(MemoryContext batch_cxt)
 	char	   *err = NULL;
 	bool		refused = false;
 	bool		transient = false;
+	bool		ok;
 	MemoryContext old;
 
 	ck_begin("reading queue");
@@ -370,7 +391,11 @@ ck_pass(MemoryContext batch_cxt)
 		return CK_PASS_FAILED;
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
-	if (!ck_deliver(entries, n, &stats, &err))
+	busy_socket = ck_redis_socket();
+	ok = ck_deliver(entries, n, &stats, &err);
+	busy_socket = -1;
+	CHECK_FOR_INTERRUPTS();
+	if (!ok)
 	{
 		MemoryContextSwitchTo(old);
 		ck_report_failure(err, true);
@@ -427,7 +452,7 @@ cachekit_worker_main(Datum arg)
 	TimestampTz retry_at = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
+	pqsignal(SIGTERM, ck_sigterm);
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(ck_database, NULL, 0);
