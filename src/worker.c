@@ -19,6 +19,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -194,6 +195,86 @@ ck_find_schema(void)
 	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 }
 
+/* the worker's statements, prepared once per installed extension */
+enum
+{
+	CK_PLAN_READ,
+	CK_PLAN_DELETE,
+	CK_PLAN_RETRY,
+	CK_PLAN_DEAD,
+	CK_NPLANS
+};
+
+static SPIPlanPtr plans[CK_NPLANS];
+static Oid	plans_ext = InvalidOid;
+
+/* Forget the kept plans (extension dropped, or an error). */
+static void
+ck_free_plans(void)
+{
+	for (int i = 0; i < CK_NPLANS; i++)
+	{
+		if (plans[i])
+			SPI_freeplan(plans[i]);
+		plans[i] = NULL;
+	}
+	plans_ext = InvalidOid;
+}
+
+/* Prepare and keep one statement. */
+static SPIPlanPtr
+ck_keep_plan(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "cachekit worker could not prepare \"%s\": %s", sql,
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(plan);
+	return plan;
+}
+
+/*
+ * Make sure the kept plans belong to the extension installed now.
+ * Returns false when the extension is not installed in this database.
+ */
+static bool
+ck_prepare_plans(void)
+{
+	Oid			ext = get_extension_oid("cachekit", true);
+	char	   *schema;
+	Oid			read_types[1] = {INT4OID};
+	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
+
+	if (ext == plans_ext && OidIsValid(ext))
+		return true;
+	ck_free_plans();
+	if (!OidIsValid(ext))
+		return false;
+	schema = ck_find_schema();
+	if (schema == NULL)
+		return false;
+
+	plans[CK_PLAN_READ] = ck_keep_plan(
+		psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts FROM %s.%s "
+				 "ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE), 1, read_types);
+	plans[CK_PLAN_DELETE] = ck_keep_plan(
+		psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
+		1, ids_types);
+	plans[CK_PLAN_RETRY] = ck_keep_plan(
+		psprintf("UPDATE %s.%s q SET attempts = q.attempts + 1, last_error = u.err "
+				 "FROM unnest($1, $2) AS u(id, err) WHERE q.id = u.id",
+				 schema, CK_QUEUE_TABLE), 2, ids_types);
+	plans[CK_PLAN_DEAD] = ck_keep_plan(
+		psprintf("WITH moved AS (DELETE FROM %s.%s q USING unnest($1, $2) AS u(id, err) "
+				 "WHERE q.id = u.id RETURNING q.*, u.err) "
+				 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at) "
+				 "SELECT id, kind, keys, tags, untags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
+				 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE), 2, ids_types);
+	plans_ext = ext;
+	return true;
+}
+
 /* Copy a text[] datum into an array of C strings in the current context. */
 static int
 ck_copy_text_array(Datum d, char ***out)
@@ -212,19 +293,15 @@ ck_copy_text_array(Datum d, char ***out)
 
 /* Read up to batch_size entries in id order into batch_cxt. */
 static int
-ck_read_batch(const char *schema, MemoryContext batch_cxt, CkEntry **entries_out)
+ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out)
 {
-	char	   *sql;
-	Oid			argtypes[1] = {INT4OID};
 	Datum		args[1];
 	int			rc;
 	CkEntry    *entries;
 	int			n;
 
-	sql = psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts FROM %s.%s "
-				   "ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE);
 	args[0] = Int32GetDatum(ck_batch_size);
-	rc = SPI_execute_with_args(sql, 1, argtypes, args, NULL, true, 0);
+	rc = SPI_execute_plan(plans[CK_PLAN_READ], args, NULL, true, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "cachekit worker could not read its queue: %s", SPI_result_code_string(rc));
 
@@ -302,49 +379,38 @@ ck_error_array(CkEntry *entries, int n, int which)
 	return PointerGetDatum(construct_array(errs, k, TEXTOID, -1, false, TYPALIGN_INT));
 }
 
-/* Run one statement with an id array and optionally an error array. */
+/* Run one kept statement with an id array and optionally an error array. */
 static void
-ck_exec_ids(const char *sql, Datum ids, Datum errs, int expected)
+ck_exec_ids(int plan, Datum ids, Datum errs, int expected)
 {
-	Oid			argtypes[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	Datum		args[2] = {ids, errs};
-	int			nargs = errs ? 2 : 1;
 	int			rc;
 
-	rc = SPI_execute_with_args(sql, nargs, argtypes, args, NULL, false, 0);
+	rc = SPI_execute_plan(plans[plan], args, NULL, false, 0);
 	if (rc != expected)
 		elog(ERROR, "cachekit worker could not update its queue: %s", SPI_result_code_string(rc));
 }
 
 /* Record the outcome of a delivered batch in the queue. */
 static void
-ck_settle_batch(const char *schema, CkEntry *entries, int n)
+ck_settle_batch(CkEntry *entries, int n)
 {
 	Datum		ids;
 	int			count;
 
 	ids = ck_id_array(entries, n, 0, &count);
 	if (count > 0)
-		ck_exec_ids(psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
-					ids, (Datum) 0, SPI_OK_DELETE);
+		ck_exec_ids(CK_PLAN_DELETE, ids, (Datum) 0, SPI_OK_DELETE);
 	pg_atomic_fetch_add_u64(&ck_shared->entries_delivered, count);
 
 	ids = ck_id_array(entries, n, 1, &count);
 	if (count > 0)
-		ck_exec_ids(psprintf("UPDATE %s.%s q SET attempts = q.attempts + 1, last_error = u.err "
-							 "FROM unnest($1, $2) AS u(id, err) WHERE q.id = u.id",
-							 schema, CK_QUEUE_TABLE),
-					ids, ck_error_array(entries, n, 1), SPI_OK_UPDATE);
+		ck_exec_ids(CK_PLAN_RETRY, ids, ck_error_array(entries, n, 1), SPI_OK_UPDATE);
 
 	ids = ck_id_array(entries, n, 2, &count);
 	if (count > 0)
 	{
-		ck_exec_ids(psprintf("WITH moved AS (DELETE FROM %s.%s q USING unnest($1, $2) AS u(id, err) "
-							 "WHERE q.id = u.id RETURNING q.*, u.err) "
-							 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at) "
-							 "SELECT id, kind, keys, tags, untags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
-							 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE),
-					ids, ck_error_array(entries, n, 2), SPI_OK_INSERT);
+		ck_exec_ids(CK_PLAN_DEAD, ids, ck_error_array(entries, n, 2), SPI_OK_INSERT);
 		pg_atomic_fetch_add_u64(&ck_shared->dead_lettered, count);
 		for (int i = 0; i < n; i++)
 			if (entries[i].failed && !entries[i].transient &&
@@ -361,7 +427,6 @@ ck_settle_batch(const char *schema, CkEntry *entries, int n)
 static CkPass
 ck_pass(MemoryContext batch_cxt)
 {
-	char	   *schema;
 	CkEntry    *entries = NULL;
 	int			n = 0;
 	CkDeliveryStats stats;
@@ -372,12 +437,8 @@ ck_pass(MemoryContext batch_cxt)
 	MemoryContext old;
 
 	ck_begin("reading queue");
-	schema = ck_find_schema();
-	if (schema)
-	{
-		schema = MemoryContextStrdup(batch_cxt, schema);
-		n = ck_read_batch(schema, batch_cxt, &entries);
-	}
+	if (ck_prepare_plans())
+		n = ck_read_batch(batch_cxt, &entries);
 	ck_commit();
 
 	if (n == 0)
@@ -415,7 +476,7 @@ ck_pass(MemoryContext batch_cxt)
 	}
 
 	ck_begin("settling batch");
-	ck_settle_batch(schema, entries, n);
+	ck_settle_batch(entries, n);
 	ck_commit();
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
@@ -441,6 +502,50 @@ ck_pass(MemoryContext batch_cxt)
 		return CK_PASS_FAILED;
 	}
 	return n >= ck_batch_size ? CK_PASS_MORE : CK_PASS_IDLE;
+}
+
+/*
+ * A pass that survives its own errors (the queue table dropped under it,
+ * say): the error is logged, the transaction rolled back, and the pass
+ * counts as failed, so the worker backs off instead of exiting and being
+ * restarted over and over.
+ */
+static CkPass
+ck_pass_guarded(MemoryContext batch_cxt)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	CkPass		result;
+
+	PG_TRY();
+	{
+		result = ck_pass(batch_cxt);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		/* the error report itself goes to the log */
+		ereport(LOG,
+				(errcode(edata->sqlerrcode),
+				 errmsg("cachekit worker pass failed: %s", edata->message),
+				 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
+		ck_set_last_error(edata->message);
+		pg_atomic_fetch_add_u64(&ck_shared->failed_attempts, 1);
+		FreeErrorData(edata);
+		busy_socket = -1;
+		AbortCurrentTransaction();
+		ck_free_plans();
+		/* the pipeline may be half read: start on a fresh connection */
+		ck_redis_disconnect();
+		ck_set_connected(false);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		result = CK_PASS_FAILED;
+	}
+	PG_END_TRY();
+	return result;
 }
 
 /* Entry point of the background worker. */
@@ -489,7 +594,7 @@ cachekit_worker_main(Datum arg)
 
 		if (retry_at == 0 || GetCurrentTimestamp() >= retry_at)
 		{
-			result = ck_pass(batch_cxt);
+			result = ck_pass_guarded(batch_cxt);
 			MemoryContextReset(batch_cxt);
 			if (result == CK_PASS_FAILED)
 			{
