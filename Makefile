@@ -22,10 +22,12 @@ REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/re
 
 TAP_TESTS = 1
 PROVE_TESTS = $(wildcard test/t/*.pl)
-PROVE_FLAGS = -I $(srcdir)/test/perl --verbose
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# after the include: Makefile.global resets PROVE_FLAGS
+PROVE_FLAGS = -I $(srcdir)/test/perl --verbose
 
 EXTRA_CLEAN = tmp_check_regress

@@ -341,12 +341,11 @@ ck_append_apply(CkKeyPlan *plan)
 }
 
 /*
- * Deliver a batch. Every entry ends up either delivered (failed = false)
- * or refused (failed, with error and transient set). Returns false when the
- * connection failed (*errmsg set): then nothing may be taken as delivered.
+ * Deliver entries[0..n) as one pipeline: key deletes and key scripts first,
+ * then tag flushes. The caller makes sure no write follows a flush here.
  */
-bool
-ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
+static bool
+ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 {
 	CkItem	   *keyitems;
 	CkItem	   *tagitems;
@@ -362,8 +361,6 @@ ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 	int			nchunks;
 	CkFlush    *flushes;
 	int			active;
-
-	memset(stats, 0, sizeof(CkDeliveryStats));
 
 	/* collect and collapse the keys and flushed tags of all entries */
 	for (int i = 0; i < n; i++)
@@ -494,6 +491,41 @@ ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 			active++;
 		}
 		CHECK_FOR_INTERRUPTS();
+	}
+	return true;
+}
+
+/*
+ * Deliver a batch. Every entry ends up either delivered (failed = false)
+ * or refused (failed, with error and transient set). Returns false when the
+ * connection failed (*errmsg set): then nothing may be taken as delivered.
+ *
+ * Within one pipeline flushes go after writes, so a write that was queued
+ * after a flush starts a new pipeline: otherwise the flush could delete the
+ * value just written. Deletes may move across flushes freely.
+ */
+bool
+ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
+{
+	int			start = 0;
+
+	memset(stats, 0, sizeof(CkDeliveryStats));
+	while (start < n)
+	{
+		int			end = start;
+		bool		flushed = false;
+
+		while (end < n)
+		{
+			if (entries[end].kind == CK_KIND_WRITE && flushed)
+				break;
+			if (entries[end].kind == CK_KIND_INVALIDATE && entries[end].ntags > 0)
+				flushed = true;
+			end++;
+		}
+		if (!ck_deliver_segment(entries + start, end - start, stats, errmsg))
+			return false;
+		start = end;
 	}
 	return true;
 }

@@ -20,6 +20,9 @@
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
+#include "storage/lmgr.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -178,13 +181,14 @@ ck_commit(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
-/* The quoted schema of the extension, or NULL when it is not installed here. */
+/* The quoted schema of the extension and its OID; NULL when not installed. */
 static char *
-ck_find_schema(void)
+ck_find_schema(Oid *nspid)
 {
 	int			rc;
+	bool		isnull;
 
-	rc = SPI_execute("SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e "
+	rc = SPI_execute("SELECT quote_ident(n.nspname), n.oid FROM pg_catalog.pg_extension e "
 					 "JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
 					 "WHERE e.extname = 'cachekit'", true, 1);
 	if (rc != SPI_OK_SELECT)
@@ -192,6 +196,7 @@ ck_find_schema(void)
 			 SPI_result_code_string(rc));
 	if (SPI_processed == 0)
 		return NULL;
+	*nspid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 }
 
@@ -206,7 +211,8 @@ enum
 };
 
 static SPIPlanPtr plans[CK_NPLANS];
-static Oid	plans_ext = InvalidOid;
+static Oid	plans_ext = InvalidOid;	/* the extension they were made for */
+static Oid	plans_queue = InvalidOid;	/* and its queue table */
 
 /* Forget the kept plans (extension dropped, or an error). */
 static void
@@ -219,6 +225,7 @@ ck_free_plans(void)
 		plans[i] = NULL;
 	}
 	plans_ext = InvalidOid;
+	plans_queue = InvalidOid;
 }
 
 /* Prepare and keep one statement. */
@@ -235,43 +242,56 @@ ck_keep_plan(const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
- * Make sure the kept plans belong to the extension installed now.
- * Returns false when the extension is not installed in this database.
+ * Make sure the kept plans belong to the extension installed now, and lock
+ * its queue so that it cannot be dropped (and recreated) until the current
+ * transaction ends. Returns false when the extension is not installed.
  */
 static bool
 ck_prepare_plans(void)
 {
 	Oid			ext = get_extension_oid("cachekit", true);
 	char	   *schema;
+	Oid			nspid = InvalidOid;
 	Oid			read_types[1] = {INT4OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 
-	if (ext == plans_ext && OidIsValid(ext))
-		return true;
-	ck_free_plans();
-	if (!OidIsValid(ext))
-		return false;
-	schema = ck_find_schema();
-	if (schema == NULL)
-		return false;
+	if (ext != plans_ext || !OidIsValid(ext))
+	{
+		ck_free_plans();
+		if (!OidIsValid(ext))
+			return false;
+		schema = ck_find_schema(&nspid);
+		if (schema == NULL)
+			return false;
 
-	plans[CK_PLAN_READ] = ck_keep_plan(
-		psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts FROM %s.%s "
-				 "ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE), 1, read_types);
-	plans[CK_PLAN_DELETE] = ck_keep_plan(
-		psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
-		1, ids_types);
-	plans[CK_PLAN_RETRY] = ck_keep_plan(
-		psprintf("UPDATE %s.%s q SET attempts = q.attempts + 1, last_error = u.err "
-				 "FROM unnest($1, $2) AS u(id, err) WHERE q.id = u.id",
-				 schema, CK_QUEUE_TABLE), 2, ids_types);
-	plans[CK_PLAN_DEAD] = ck_keep_plan(
-		psprintf("WITH moved AS (DELETE FROM %s.%s q USING unnest($1, $2) AS u(id, err) "
-				 "WHERE q.id = u.id RETURNING q.*, u.err) "
-				 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at) "
-				 "SELECT id, kind, keys, tags, untags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
-				 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE), 2, ids_types);
-	plans_ext = ext;
+		plans[CK_PLAN_READ] = ck_keep_plan(
+			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts FROM %s.%s "
+					 "ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE), 1, read_types);
+		plans[CK_PLAN_DELETE] = ck_keep_plan(
+			psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
+			1, ids_types);
+		plans[CK_PLAN_RETRY] = ck_keep_plan(
+			psprintf("UPDATE %s.%s q SET attempts = q.attempts + 1, last_error = u.err "
+					 "FROM unnest($1, $2) AS u(id, err) WHERE q.id = u.id",
+					 schema, CK_QUEUE_TABLE), 2, ids_types);
+		plans[CK_PLAN_DEAD] = ck_keep_plan(
+			psprintf("WITH moved AS (DELETE FROM %s.%s q USING unnest($1, $2) AS u(id, err) "
+					 "WHERE q.id = u.id RETURNING q.*, u.err) "
+					 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at) "
+					 "SELECT id, kind, keys, tags, untags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
+					 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE), 2, ids_types);
+		plans_ext = ext;
+		plans_queue = get_relname_relid(CK_QUEUE_TABLE, nspid);
+	}
+
+	/* lock first, then make sure it is still the same extension */
+	LockRelationOid(plans_queue, RowExclusiveLock);
+	if (get_extension_oid("cachekit", true) != plans_ext ||
+		!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(plans_queue)))
+	{
+		ck_free_plans();
+		return false;
+	}
 	return true;
 }
 
@@ -429,6 +449,7 @@ ck_pass(MemoryContext batch_cxt)
 {
 	CkEntry    *entries = NULL;
 	int			n = 0;
+	Oid			batch_ext;
 	CkDeliveryStats stats;
 	char	   *err = NULL;
 	bool		refused = false;
@@ -439,10 +460,16 @@ ck_pass(MemoryContext batch_cxt)
 	ck_begin("reading queue");
 	if (ck_prepare_plans())
 		n = ck_read_batch(batch_cxt, &entries);
+	batch_ext = plans_ext;
 	ck_commit();
 
 	if (n == 0)
+	{
+		/* connect while idle too, so cachekit_stats tells whether Redis is up */
+		if (OidIsValid(batch_ext) && !ck_redis_connected())
+			(void) ck_ensure_connection();
 		return CK_PASS_IDLE;
+	}
 
 	/* Redis round trips, with no transaction open */
 	old = MemoryContextSwitchTo(batch_cxt);
@@ -475,8 +502,14 @@ ck_pass(MemoryContext batch_cxt)
 			err = entries[i].error;
 	}
 
+	/*
+	 * Settle in the queue the batch was read from. If the extension was
+	 * dropped meanwhile, that queue is gone with its entries; a new queue's
+	 * ids may repeat the old ones, so nothing of it may be touched.
+	 */
 	ck_begin("settling batch");
-	ck_settle_batch(entries, n);
+	if (ck_prepare_plans() && plans_ext == batch_ext)
+		ck_settle_batch(entries, n);
 	ck_commit();
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
