@@ -17,6 +17,7 @@
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
 #include "utils/builtins.h"
+#include "utils/elog.h"
 #include "utils/guc.h"
 
 PG_MODULE_MAGIC;
@@ -39,12 +40,14 @@ CachekitShared *ck_shared = NULL;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+static emit_log_hook_type prev_emit_log_hook = NULL;
 
 void		_PG_init(void);
 static void ck_shmem_request(void);
 static void ck_shmem_startup(void);
 static bool check_redis_url(char **newval, void **extra, GucSource source);
 static bool check_tag_prefix(char **newval, void **extra, GucSource source);
+static void ck_emit_log(ErrorData *edata);
 
 PG_FUNCTION_INFO_V1(cachekit_worker_state);
 
@@ -147,6 +150,10 @@ _PG_init(void)
 
 	MarkGUCPrefixReserved("cachekit");
 
+	/* PostgreSQL logs changed settings with their values: hide the password */
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = ck_emit_log;
+
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = ck_shmem_request;
 	prev_shmem_startup_hook = shmem_startup_hook;
@@ -213,6 +220,71 @@ static bool
 check_tag_prefix(char **newval, void **extra, GucSource source)
 {
 	return *newval != NULL;
+}
+
+/*
+ * A copy of msg with the credentials of every "scheme://user:password@"
+ * replaced by "***", or NULL when there are none.
+ */
+static char *
+ck_mask_credentials(const char *msg)
+{
+	StringInfoData out;
+	const char *p = msg;
+	bool		masked = false;
+
+	initStringInfo(&out);
+	for (;;)
+	{
+		const char *scheme = strstr(p, "://");
+		const char *end;
+		const char *at = NULL;
+
+		if (scheme == NULL)
+			break;
+		scheme += 3;
+		/* the credentials end at the last '@' before the end of the URL */
+		for (end = scheme; *end && *end != '"' && *end != '\'' && *end != ' ' && *end != '/'; end++)
+			if (*end == '@')
+				at = end;
+		appendBinaryStringInfo(&out, p, scheme - p);
+		if (at)
+		{
+			appendStringInfoString(&out, "***");
+			p = at;
+			masked = true;
+		}
+		else
+			p = scheme;
+	}
+	appendStringInfoString(&out, p);
+	if (!masked)
+	{
+		pfree(out.data);
+		return NULL;
+	}
+	return out.data;
+}
+
+/*
+ * emit_log_hook: messages that mention cachekit.redis_url (PostgreSQL's own
+ * "parameter changed to" line, a logged ALTER SYSTEM) lose the password.
+ */
+static void
+ck_emit_log(ErrorData *edata)
+{
+	if (edata->message && strstr(edata->message, "cachekit.redis_url"))
+	{
+		char	   *masked = ck_mask_credentials(edata->message);
+
+		if (masked)
+		{
+			edata->message = masked;
+			edata->hide_stmt = true;
+		}
+	}
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
 }
 
 /* Wake the worker, if one is running. */
