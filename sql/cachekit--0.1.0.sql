@@ -8,7 +8,8 @@
 --   kind 'i': delete every key in keys, flush every tag in tags
 --   kind 'w': SET keys[1] to value (EX ttl when ttl > 0), SADD it to the
 --             sets of tags, SREM it from the sets of untags
---   kind 'd': delete keys[1] and SREM it from the sets of untags
+--   kind 'd': delete keys[1] and SREM it from the sets of untags (ttl -1:
+--             a write-through value too large to send, counted as such)
 CREATE TABLE cachekit_queue (
 	id bigserial PRIMARY KEY,
 	kind "char" NOT NULL CHECK (kind IN ('i', 'w', 'd')),

@@ -111,7 +111,9 @@ SELECT q.value::jsonb = to_jsonb(r) AS equal FROM cachekit_queue q, typed r WHER
 TRUNCATE cachekit_queue;
 
 -- a value over cachekit.max_value_bytes (a superuser-only reloadable
--- setting; the default is 512kB) deletes the key instead
+-- setting; the default is 512kB) deletes the key instead, and is counted in
+-- cachekit_stats.values_too_large once delivered (never here: this
+-- database's queue is not served)
 CREATE TABLE big (id int PRIMARY KEY, body text);
 CREATE TRIGGER big_cache AFTER INSERT OR UPDATE ON big
 	FOR EACH ROW EXECUTE FUNCTION cachekit_write_through('key=big:{id}', 'tag=bigs');

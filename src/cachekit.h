@@ -37,6 +37,9 @@
 #define CK_KIND_WRITE		'w'		/* SET key value [EX ttl], SADD to tags */
 #define CK_KIND_DROP		'd'		/* delete key, SREM it from tags */
 
+/* ttl of a drop entry that stands for a write-through value too large to send */
+#define CK_TTL_TOO_LARGE	(-1)
+
 #define CK_QUEUE_TABLE		"cachekit_queue"
 #define CK_DEAD_TABLE		"cachekit_dead_letter"
 

@@ -459,6 +459,11 @@ ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errms
 			stats->keys_deleted++;
 	}
 
+	for (int i = 0; i < n; i++)
+		if (!entries[i].failed && entries[i].kind == CK_KIND_DROP &&
+			entries[i].ttl == CK_TTL_TOO_LARGE)
+			stats->values_too_large++;
+
 	/* further rounds: one step of every unfinished flush at a time */
 	active = ntags;
 	while (active > 0)

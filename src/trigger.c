@@ -644,10 +644,12 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 
 		if (strlen(value) > (size_t) ck_max_value_bytes)
 		{
-			/* too large to cache: make sure no stale value stays */
-			pg_atomic_fetch_add_u64(&ck_shared->values_too_large, 1);
+			/*
+			 * Too large to cache: make sure no stale value stays. The ttl
+			 * of -1 tells the worker to count it once delivered.
+			 */
 			ck_enqueue(nspid, CK_KIND_DROP, list_make1(newkey), NIL,
-					   list_concat(leaving, newtags), NULL, 0);
+					   list_concat(leaving, newtags), NULL, CK_TTL_TOO_LARGE);
 		}
 		else
 			ck_enqueue(nspid, CK_KIND_WRITE, list_make1(newkey), newtags, leaving,

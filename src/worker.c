@@ -595,6 +595,14 @@ cachekit_worker_main(Datum arg)
 
 	BackgroundWorkerInitializeConnection(ck_database, NULL, 0);
 
+	/*
+	 * The worker's own commits only remove delivered entries or count
+	 * attempts: losing one in a crash means delivering it again, which
+	 * at-least-once allows. Not waiting for the WAL flush keeps a pass fast.
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("application_name", "cachekit worker", PGC_USERSET, PGC_S_OVERRIDE);
+
 	SpinLockAcquire(&ck_shared->mutex);
 	ck_shared->worker_latch = MyLatch;
 	ck_shared->worker_pid = MyProcPid;
