@@ -196,6 +196,7 @@ ck_shmem_startup(void)
 		pg_atomic_init_u64(&ck_shared->entries_delivered, 0);
 		pg_atomic_init_u64(&ck_shared->failed_attempts, 0);
 		pg_atomic_init_u64(&ck_shared->dead_lettered, 0);
+		pg_atomic_init_u32(&ck_shared->wake_requested, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -300,6 +301,23 @@ ck_wake_worker(void)
 	SpinLockRelease(&ck_shared->mutex);
 	if (latch)
 		SetLatch(latch);
+}
+
+/*
+ * Wake the worker at commit, unless a wake-up is already pending since its
+ * last pass began: then it will see this commit's work anyway. This keeps
+ * busy writers from signalling the worker once per transaction (and from
+ * waking it at all while it waits out a backoff).
+ */
+void
+ck_wake_worker_once(void)
+{
+	if (ck_shared == NULL)
+		return;
+	if (pg_atomic_read_u32(&ck_shared->wake_requested) != 0)
+		return;
+	if (pg_atomic_exchange_u32(&ck_shared->wake_requested, 1) == 0)
+		ck_wake_worker();
 }
 
 /* Record the worker's most recent error for cachekit_stats. */

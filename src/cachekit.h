@@ -69,6 +69,7 @@ typedef struct CachekitShared
 	TimestampTz last_error_at;
 	TimestampTz last_delivery_at;
 	ConditionVariable delivered_cv; /* broadcast after each delivered batch */
+	pg_atomic_uint32 wake_requested;	/* set by committers, cleared by each pass */
 	pg_atomic_uint64 keys_deleted;
 	pg_atomic_uint64 tags_flushed;
 	pg_atomic_uint64 tag_keys_deleted;
@@ -82,6 +83,7 @@ typedef struct CachekitShared
 extern CachekitShared *ck_shared;
 
 extern void ck_wake_worker(void);
+extern void ck_wake_worker_once(void);
 extern void ck_set_last_error(const char *msg);
 
 /*---- templates (template.c) ----*/

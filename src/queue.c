@@ -47,7 +47,7 @@ ck_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			if (enqueued_in_xact)
-				ck_wake_worker();
+				ck_wake_worker_once();
 			enqueued_in_xact = false;
 			break;
 		case XACT_EVENT_ABORT:

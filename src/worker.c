@@ -21,6 +21,8 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "storage/lmgr.h"
+#include "storage/lock.h"
+#include "storage/procarray.h"
 #include "utils/lsyscache.h"
 #include "utils/syscache.h"
 #include "executor/spi.h"
@@ -158,12 +160,101 @@ ck_ensure_connection(void)
 	return true;
 }
 
+/*
+ * Where reading starts. Entries leave the queue from its low end, so the
+ * low end of the id index fills with dead entries until vacuum removes
+ * them; reading ORDER BY id from the very start would step over all of
+ * them on every pass. The floor skips them, and moves up only when that is
+ * safe: an entry below it can only appear by the commit of a transaction
+ * that was running when the entries above it were read, so the floor waits
+ * until every transaction running at that read has ended.
+ */
+static int64 read_floor = 0;
+
+/* a proposed floor: entries up to last_id were read, under running vxids */
+static struct
+{
+	bool		valid;
+	bool		mature;			/* all those transactions have ended */
+	int64		last_id;
+	int			nvxids;
+	VirtualTransactionId *vxids;
+} floor_candidate;
+
+/* Forget the floor: read from the start of the queue again. */
+static void
+ck_reset_floor(void)
+{
+	read_floor = 0;
+	floor_candidate.valid = false;
+}
+
+/* Have all transactions of the floor candidate ended? (No snapshot yet.) */
+static void
+ck_check_candidate(void)
+{
+	if (!floor_candidate.valid || floor_candidate.mature)
+		return;
+	for (int i = 0; i < floor_candidate.nvxids; i++)
+		if (!VirtualXactLock(floor_candidate.vxids[i], false))
+			return;
+	floor_candidate.mature = true;
+}
+
+/* After a read: propose its last id as the next floor, under today's transactions. */
+static void
+ck_propose_floor(int64 last_id)
+{
+	VirtualTransactionId *vxids;
+	int			n;
+
+	if (floor_candidate.valid)
+		return;
+	vxids = GetCurrentVirtualXIDs(InvalidTransactionId, false, false, PROC_IN_VACUUM, &n);
+	if (floor_candidate.vxids)
+		pfree(floor_candidate.vxids);
+	floor_candidate.vxids = MemoryContextAlloc(TopMemoryContext,
+											   sizeof(VirtualTransactionId) * (n + 1));
+	memcpy(floor_candidate.vxids, vxids, sizeof(VirtualTransactionId) * n);
+	floor_candidate.nvxids = n;
+	floor_candidate.last_id = last_id;
+	floor_candidate.mature = false;
+	floor_candidate.valid = true;
+}
+
+/*
+ * After a settled batch: if the candidate had matured before the batch was
+ * read and the batch covered every entry up to it, the floor moves past it,
+ * but not past an entry of the batch that stays in the queue.
+ */
+static void
+ck_advance_floor(CkEntry *entries, int n, bool covered)
+{
+	int64		floor;
+
+	if (!floor_candidate.valid || !floor_candidate.mature || !covered)
+		return;
+	floor = floor_candidate.last_id + 1;
+	for (int i = 0; i < n; i++)
+	{
+		bool		stays = entries[i].failed &&
+			(entries[i].transient || entries[i].attempts + 1 < ck_max_attempts);
+
+		if (stays && entries[i].id < floor)
+			floor = entries[i].id;
+	}
+	read_floor = Max(read_floor, floor);
+	floor_candidate.valid = false;
+}
+
 /* Start a transaction with SPI and a snapshot, as each unit of work needs. */
 static void
 ck_begin(const char *activity)
 {
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	/* before the snapshot: what ended now is visible to it */
+	ck_check_candidate();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	PushActiveSnapshot(GetTransactionSnapshot());
@@ -226,6 +317,7 @@ ck_free_plans(void)
 	}
 	plans_ext = InvalidOid;
 	plans_queue = InvalidOid;
+	ck_reset_floor();
 }
 
 /* Prepare and keep one statement. */
@@ -252,7 +344,7 @@ ck_prepare_plans(void)
 	Oid			ext = get_extension_oid("cachekit", true);
 	char	   *schema;
 	Oid			nspid = InvalidOid;
-	Oid			read_types[1] = {INT4OID};
+	Oid			read_types[2] = {INT4OID, INT8OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 
 	if (ext != plans_ext || !OidIsValid(ext))
@@ -266,7 +358,7 @@ ck_prepare_plans(void)
 
 		plans[CK_PLAN_READ] = ck_keep_plan(
 			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts FROM %s.%s "
-					 "ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE), 1, read_types);
+					 "WHERE id >= $2 ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE), 2, read_types);
 		plans[CK_PLAN_DELETE] = ck_keep_plan(
 			psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
 			1, ids_types);
@@ -315,12 +407,13 @@ ck_copy_text_array(Datum d, char ***out)
 static int
 ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out)
 {
-	Datum		args[1];
+	Datum		args[2];
 	int			rc;
 	CkEntry    *entries;
 	int			n;
 
 	args[0] = Int32GetDatum(ck_batch_size);
+	args[1] = Int64GetDatum(read_floor);
 	rc = SPI_execute_plan(plans[CK_PLAN_READ], args, NULL, true, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "cachekit worker could not read its queue: %s", SPI_result_code_string(rc));
@@ -450,6 +543,7 @@ ck_pass(MemoryContext batch_cxt)
 	CkEntry    *entries = NULL;
 	int			n = 0;
 	Oid			batch_ext;
+	bool		covered;
 	CkDeliveryStats stats;
 	char	   *err = NULL;
 	bool		refused = false;
@@ -457,10 +551,19 @@ ck_pass(MemoryContext batch_cxt)
 	bool		ok;
 	MemoryContext old;
 
+	/* commits from now on must wake us again: their work may miss this read */
+	pg_atomic_write_u32(&ck_shared->wake_requested, 0);
+	pg_memory_barrier();
+
 	ck_begin("reading queue");
 	if (ck_prepare_plans())
 		n = ck_read_batch(batch_cxt, &entries);
 	batch_ext = plans_ext;
+	/* did this read see every entry up to a matured floor candidate? */
+	covered = floor_candidate.valid && floor_candidate.mature &&
+		(n < ck_batch_size || entries[n - 1].id >= floor_candidate.last_id);
+	if (n > 0)
+		ck_propose_floor(entries[n - 1].id);
 	ck_commit();
 
 	if (n == 0)
@@ -509,7 +612,10 @@ ck_pass(MemoryContext batch_cxt)
 	 */
 	ck_begin("settling batch");
 	if (ck_prepare_plans() && plans_ext == batch_ext)
+	{
 		ck_settle_batch(entries, n);
+		ck_advance_floor(entries, n, covered);
+	}
 	ck_commit();
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
@@ -620,6 +726,7 @@ cachekit_worker_main(Datum arg)
 	{
 		CkPass		result = CK_PASS_IDLE;
 		long		wait_ms;
+		int			rc;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -664,8 +771,11 @@ cachekit_worker_main(Datum arg)
 		else
 			wait_ms = CK_IDLE_TIMEOUT_MS;
 
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 wait_ms, PG_WAIT_EXTENSION);
+		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					   wait_ms, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+		/* idle: read from the very start once, whatever the floor says */
+		if ((rc & WL_TIMEOUT) && retry_at == 0)
+			ck_reset_floor();
 	}
 }
