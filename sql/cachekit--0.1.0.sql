@@ -12,7 +12,7 @@
 --             a write-through value too large to send, counted as such)
 CREATE TABLE cachekit_queue (
 	id bigserial PRIMARY KEY,
-	kind "char" NOT NULL CHECK (kind IN ('i', 'w', 'd')),
+	kind "char" NOT NULL,	-- no CHECK: it would cost every insert
 	keys text[] NOT NULL,
 	tags text[] NOT NULL DEFAULT '{}',
 	untags text[] NOT NULL DEFAULT '{}',

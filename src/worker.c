@@ -44,6 +44,14 @@
 #define CK_IDLE_TIMEOUT_MS 5000
 /* the first retry delay after a failure */
 #define CK_FIRST_RETRY_MS 20
+/*
+ * Under load (a pass found at least CK_LINGER_MIN_ENTRIES entries) the
+ * worker waits CK_LINGER_MS before the next pass instead of being woken by
+ * every commit: commits then cost no signal, and batches grow. A lightly
+ * loaded worker is still woken at once by each commit.
+ */
+#define CK_LINGER_MIN_ENTRIES 4
+#define CK_LINGER_MS 1
 
 /* the outcome of one pass */
 typedef enum CkPass
@@ -54,6 +62,7 @@ typedef enum CkPass
 } CkPass;
 
 static bool redis_down = false;	/* logged the loss, not yet the return */
+static int	last_pass_entries = 0;	/* entries the last pass read */
 
 /* the Redis socket while a batch is on the wire, for the SIGTERM handler */
 static volatile sig_atomic_t busy_socket = -1;
@@ -341,13 +350,23 @@ ck_keep_plan(const char *sql, int nargs, Oid *argtypes)
 static bool
 ck_prepare_plans(void)
 {
-	Oid			ext = get_extension_oid("cachekit", true);
+	Oid			ext;
 	char	   *schema;
 	Oid			nspid = InvalidOid;
 	Oid			read_types[2] = {INT4OID, INT8OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 
-	if (ext != plans_ext || !OidIsValid(ext))
+	/* the usual case: lock the known queue, then check it is still ours */
+	if (OidIsValid(plans_ext))
+	{
+		LockRelationOid(plans_queue, RowExclusiveLock);
+		if (get_extension_oid("cachekit", true) == plans_ext &&
+			SearchSysCacheExists1(RELOID, ObjectIdGetDatum(plans_queue)))
+			return true;
+		ck_free_plans();
+	}
+
+	ext = get_extension_oid("cachekit", true);
 	{
 		ck_free_plans();
 		if (!OidIsValid(ext))
@@ -559,6 +578,7 @@ ck_pass(MemoryContext batch_cxt)
 	if (ck_prepare_plans())
 		n = ck_read_batch(batch_cxt, &entries);
 	batch_ext = plans_ext;
+	last_pass_entries = n;
 	/* did this read see every entry up to a matured floor candidate? */
 	covered = floor_candidate.valid && floor_candidate.mature &&
 		(n < ck_batch_size || entries[n - 1].id >= floor_candidate.last_id);
@@ -708,6 +728,8 @@ cachekit_worker_main(Datum arg)
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("application_name", "cachekit worker", PGC_USERSET, PGC_S_OVERRIDE);
+	/* the kept statements are simple: plan them once */
+	SetConfigOption("plan_cache_mode", "force_generic_plan", PGC_USERSET, PGC_S_OVERRIDE);
 
 	SpinLockAcquire(&ck_shared->mutex);
 	ck_shared->worker_latch = MyLatch;
@@ -760,7 +782,14 @@ cachekit_worker_main(Datum arg)
 		if (result == CK_PASS_MORE)
 			continue;
 
-		if (retry_at != 0)
+		if (retry_at == 0 && result == CK_PASS_IDLE &&
+			last_pass_entries >= CK_LINGER_MIN_ENTRIES)
+		{
+			/* busy: let commits gather for a moment rather than each waking us */
+			pg_atomic_write_u32(&ck_shared->wake_requested, 1);
+			wait_ms = CK_LINGER_MS;
+		}
+		else if (retry_at != 0)
 		{
 			long		secs;
 			int			usecs;
@@ -774,8 +803,8 @@ cachekit_worker_main(Datum arg)
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   wait_ms, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
-		/* idle: read from the very start once, whatever the floor says */
-		if ((rc & WL_TIMEOUT) && retry_at == 0)
+		/* idle for long: read from the very start once, whatever the floor says */
+		if ((rc & WL_TIMEOUT) && wait_ms == CK_IDLE_TIMEOUT_MS)
 			ck_reset_floor();
 	}
 }
