@@ -187,7 +187,7 @@ extern bool ck_parse_redis_url(const char *url, CkRedisUrl *out, char **errmsg);
 extern bool ck_redis_connect(const CkRedisUrl *url, char **errmsg);
 extern void ck_redis_disconnect(void);
 extern bool ck_redis_connected(void);
-extern int	ck_redis_socket(void);
+extern bool ck_redis_took_wakeup(void);
 extern void ck_redis_append(int argc, const char **argv, const size_t *argvlen);
 extern bool ck_redis_read(CkReply *reply, char **errmsg);
 extern bool ck_redis_script_load(const char *body, char *sha, char **errmsg);

@@ -8,14 +8,22 @@
  * binary-safe argument vectors, never through a format string. Messages
  * never contain the password.
  *
- * Written for hiredis 0.14 (Debian 12): no redisConnectWithOptions, and the
- * timeouts are set again after every connect.
+ * The connection is non-blocking: every wait for Redis is a latch wait with
+ * a deadline (cachekit.connect_timeout, cachekit.command_timeout), so
+ * interrupts are served while Redis is slow. Written for hiredis 0.14
+ * (Debian 12): redisConnectNonBlock, redisBufferWrite, redisBufferRead.
  *
  *-------------------------------------------------------------------------
  */
 #include "cachekit.h"
 
+#include <sys/socket.h>
+
 #include <hiredis/hiredis.h>
+
+#include "miscadmin.h"
+#include "storage/latch.h"
+#include "utils/wait_event.h"
 
 static redisContext *conn = NULL;
 
@@ -207,15 +215,120 @@ ck_parse_redis_url(const char *url, CkRedisUrl *out, char **errmsg)
 	return true;
 }
 
-/* Milliseconds as a struct timeval. */
-static struct timeval
-ck_timeval(int ms)
-{
-	struct timeval tv;
+/*
+ * Set when a latch wake-up arrived while waiting for Redis: the worker's
+ * main loop must not miss it (it may be a commit's).
+ */
+static bool latch_consumed = false;
 
-	tv.tv_sec = ms / 1000;
-	tv.tv_usec = (ms % 1000) * 1000;
-	return tv;
+/* Did waiting for Redis swallow a latch wake-up? Clears the flag. */
+bool
+ck_redis_took_wakeup(void)
+{
+	bool		took = latch_consumed;
+
+	latch_consumed = false;
+	return took;
+}
+
+/*
+ * Wait until the socket is ready for "event" (WL_SOCKET_READABLE or
+ * WL_SOCKET_WRITEABLE) or the deadline passes (false). Interrupts are
+ * served meanwhile, so SIGTERM and the barriers of DROP DATABASE never wait
+ * for a slow or stopped Redis.
+ */
+static bool
+ck_wait_socket(int event, TimestampTz deadline)
+{
+	for (;;)
+	{
+		TimestampTz now = GetCurrentTimestamp();
+		long		timeout_ms;
+		int			rc;
+
+		if (now >= deadline)
+			return false;
+		timeout_ms = (long) ((deadline - now + 999) / 1000);
+		rc = WaitLatchOrSocket(MyLatch,
+							   WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH | event,
+							   conn->fd, timeout_ms, PG_WAIT_EXTENSION);
+		if (rc & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			latch_consumed = true;
+			CHECK_FOR_INTERRUPTS();
+		}
+		if (rc & event)
+			return true;
+	}
+}
+
+/* The deadline for an answer from now. */
+static TimestampTz
+ck_deadline(int ms)
+{
+	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+}
+
+/* Report a failed connection, drop it, return false. */
+static bool
+ck_redis_fail(char **errmsg, const char *what)
+{
+	*errmsg = psprintf("%s: %s", what, conn->errstr[0] ? conn->errstr : "no answer");
+	ck_redis_disconnect();
+	return false;
+}
+
+/* Send everything queued in the pipeline. */
+static bool
+ck_redis_flush(TimestampTz deadline, char **errmsg)
+{
+	int			done = 0;
+
+	for (;;)
+	{
+		if (redisBufferWrite(conn, &done) != REDIS_OK)
+			return ck_redis_fail(errmsg, "lost the connection to Redis");
+		if (done)
+			return true;
+		if (!ck_wait_socket(WL_SOCKET_WRITEABLE, deadline))
+		{
+			*errmsg = psprintf("Redis did not accept commands within cachekit.command_timeout (%d ms)",
+							   ck_command_timeout);
+			ck_redis_disconnect();
+			return false;
+		}
+	}
+}
+
+/* Read the next raw reply, sending what is queued first. */
+static bool
+ck_redis_next(redisReply **reply, char **errmsg)
+{
+	TimestampTz deadline = ck_deadline(ck_command_timeout);
+	void	   *r = NULL;
+
+	if (!ck_redis_flush(deadline, errmsg))
+		return false;
+	for (;;)
+	{
+		if (redisGetReplyFromReader(conn, &r) != REDIS_OK)
+			return ck_redis_fail(errmsg, "unreadable answer from Redis");
+		if (r != NULL)
+		{
+			*reply = r;
+			return true;
+		}
+		if (!ck_wait_socket(WL_SOCKET_READABLE, deadline))
+		{
+			*errmsg = psprintf("Redis did not answer within cachekit.command_timeout (%d ms)",
+							   ck_command_timeout);
+			ck_redis_disconnect();
+			return false;
+		}
+		if (redisBufferRead(conn) != REDIS_OK)
+			return ck_redis_fail(errmsg, "lost the connection to Redis");
+	}
 }
 
 /* Run one command on the fresh connection; false with *errmsg on failure. */
@@ -227,16 +340,14 @@ ck_redis_setup_command(int argc, const char **argv, const char *what, char **err
 
 	for (int i = 0; i < argc; i++)
 		lens[i] = strlen(argv[i]);
-	reply = redisCommandArgv(conn, argc, argv, lens);
-	if (reply == NULL)
-	{
-		*errmsg = psprintf("%s failed: %s", what, conn->errstr);
+	ck_redis_append(argc, argv, lens);
+	if (!ck_redis_next(&reply, errmsg))
 		return false;
-	}
 	if (reply->type == REDIS_REPLY_ERROR)
 	{
 		*errmsg = psprintf("%s failed: %s", what, reply->str);
 		freeReplyObject(reply);
+		ck_redis_disconnect();
 		return false;
 	}
 	freeReplyObject(reply);
@@ -250,12 +361,13 @@ ck_redis_setup_command(int argc, const char **argv, const char *what, char **err
 bool
 ck_redis_connect(const CkRedisUrl *url, char **errmsg)
 {
-	struct timeval tv;
+	int			sockerr = 0;
+	socklen_t	len = sizeof(sockerr);
 
 	ck_redis_disconnect();
 
-	tv = ck_timeval(ck_connect_timeout);
-	conn = redisConnectWithTimeout(url->host, url->port, tv);
+	/* non-blocking: every wait is a latch wait with a deadline */
+	conn = redisConnectNonBlock(url->host, url->port);
 	if (conn == NULL)
 	{
 		*errmsg = pstrdup("out of memory creating the Redis connection");
@@ -267,10 +379,17 @@ ck_redis_connect(const CkRedisUrl *url, char **errmsg)
 		ck_redis_disconnect();
 		return false;
 	}
-	tv = ck_timeval(ck_command_timeout);
-	if (redisSetTimeout(conn, tv) != REDIS_OK)
+	if (!ck_wait_socket(WL_SOCKET_WRITEABLE, ck_deadline(ck_connect_timeout)))
 	{
-		*errmsg = psprintf("could not set the command timeout: %s", conn->errstr);
+		*errmsg = psprintf("could not connect to %s:%d within cachekit.connect_timeout (%d ms)",
+						   url->host, url->port, ck_connect_timeout);
+		ck_redis_disconnect();
+		return false;
+	}
+	if (getsockopt(conn->fd, SOL_SOCKET, SO_ERROR, &sockerr, &len) != 0 || sockerr != 0)
+	{
+		*errmsg = psprintf("could not connect to %s:%d: %s", url->host, url->port,
+						   strerror(sockerr ? sockerr : errno));
 		ck_redis_disconnect();
 		return false;
 	}
@@ -333,13 +452,6 @@ ck_redis_disconnect(void)
 	conn = NULL;
 }
 
-/* The connection's socket, or -1. */
-int
-ck_redis_socket(void)
-{
-	return conn ? conn->fd : -1;
-}
-
 /* Is there a usable connection? */
 bool
 ck_redis_connected(void)
@@ -378,24 +490,17 @@ ck_error_is_transient(const char *msg)
 
 /*
  * Read the next reply of the pipeline (sending what is queued first).
- * Returns false on a connection failure (*errmsg set; the connection is
- * closed), else fills *reply.
+ * Returns false on a connection failure or timeout (*errmsg set; the
+ * connection is closed), else fills *reply.
  */
 bool
 ck_redis_read(CkReply *reply, char **errmsg)
 {
-	redisReply *r = NULL;
+	redisReply *r;
 
 	memset(reply, 0, sizeof(CkReply));
-	if (redisGetReply(conn, (void **) &r) != REDIS_OK || r == NULL)
-	{
-		*errmsg = psprintf("lost the connection to Redis: %s",
-						   conn->errstr[0] ? conn->errstr : "no reply");
-		if (r)
-			freeReplyObject(r);
-		ck_redis_disconnect();
+	if (!ck_redis_next(&r, errmsg))
 		return false;
-	}
 	if (r->type == REDIS_REPLY_ERROR)
 	{
 		reply->error = pnstrdup(r->str, r->len);
@@ -419,13 +524,9 @@ ck_redis_script_load(const char *body, char *sha, char **errmsg)
 	size_t		lens[3] = {6, 4, strlen(body)};
 	redisReply *reply;
 
-	reply = redisCommandArgv(conn, 3, argv, lens);
-	if (reply == NULL)
-	{
-		*errmsg = psprintf("SCRIPT LOAD failed: %s", conn->errstr);
-		ck_redis_disconnect();
+	ck_redis_append(3, argv, lens);
+	if (!ck_redis_next(&reply, errmsg))
 		return false;
-	}
 	if (reply->type != REDIS_REPLY_STRING || reply->len != 40)
 	{
 		*errmsg = psprintf("SCRIPT LOAD failed: %s",

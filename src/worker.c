@@ -15,8 +15,6 @@
  */
 #include "cachekit.h"
 
-#include <sys/socket.h>
-
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
@@ -64,8 +62,6 @@ typedef enum CkPass
 static bool redis_down = false;	/* logged the loss, not yet the return */
 static int	last_pass_entries = 0;	/* entries the last pass read */
 
-/* the Redis socket while a batch is on the wire, for the SIGTERM handler */
-static volatile sig_atomic_t busy_socket = -1;
 static char *current_host = NULL;	/* for messages, without the password */
 
 /* Register the worker with the postmaster (from _PG_init). */
@@ -84,21 +80,6 @@ ck_register_worker(void)
 	snprintf(worker.bgw_name, BGW_MAXLEN, "cachekit worker");
 	snprintf(worker.bgw_type, BGW_MAXLEN, "cachekit worker");
 	RegisterBackgroundWorker(&worker);
-}
-
-/*
- * SIGTERM: the usual die(), and if we are waiting for Redis, cut the socket
- * so that shutdown is not held up by a slow or stopped Redis server.
- */
-static void
-ck_sigterm(SIGNAL_ARGS)
-{
-	int			save_errno = errno;
-
-	if (busy_socket >= 0)
-		shutdown(busy_socket, SHUT_RDWR);
-	errno = save_errno;
-	die(postgres_signal_arg);
 }
 
 /* Exit callback: stop advertising our latch. */
@@ -353,7 +334,7 @@ ck_prepare_plans(void)
 	Oid			ext;
 	char	   *schema;
 	Oid			nspid = InvalidOid;
-	Oid			read_types[2] = {INT4OID, INT8OID};
+	Oid			read_types[1] = {INT8OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 
 	/* the usual case: lock the known queue, then check it is still ours */
@@ -377,7 +358,8 @@ ck_prepare_plans(void)
 
 		plans[CK_PLAN_READ] = ck_keep_plan(
 			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts FROM %s.%s "
-					 "WHERE id >= $2 ORDER BY id LIMIT $1", schema, CK_QUEUE_TABLE), 2, read_types);
+					 "WHERE id >= $1 ORDER BY id LIMIT %d",
+					 schema, CK_QUEUE_TABLE, ck_batch_size), 1, read_types);
 		plans[CK_PLAN_DELETE] = ck_keep_plan(
 			psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
 			1, ids_types);
@@ -426,13 +408,12 @@ ck_copy_text_array(Datum d, char ***out)
 static int
 ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out)
 {
-	Datum		args[2];
+	Datum		args[1];
 	int			rc;
 	CkEntry    *entries;
 	int			n;
 
-	args[0] = Int32GetDatum(ck_batch_size);
-	args[1] = Int64GetDatum(read_floor);
+	args[0] = Int64GetDatum(read_floor);
 	rc = SPI_execute_plan(plans[CK_PLAN_READ], args, NULL, true, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "cachekit worker could not read its queue: %s", SPI_result_code_string(rc));
@@ -602,10 +583,7 @@ ck_pass(MemoryContext batch_cxt)
 		return CK_PASS_FAILED;
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
-	busy_socket = ck_redis_socket();
 	ok = ck_deliver(entries, n, &stats, &err);
-	busy_socket = -1;
-	CHECK_FOR_INTERRUPTS();
 	if (!ok)
 	{
 		MemoryContextSwitchTo(old);
@@ -694,7 +672,6 @@ ck_pass_guarded(MemoryContext batch_cxt)
 		ck_set_last_error(edata->message);
 		pg_atomic_fetch_add_u64(&ck_shared->failed_attempts, 1);
 		FreeErrorData(edata);
-		busy_socket = -1;
 		AbortCurrentTransaction();
 		ck_free_plans();
 		/* the pipeline may be half read: start on a fresh connection */
@@ -716,7 +693,7 @@ cachekit_worker_main(Datum arg)
 	TimestampTz retry_at = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, ck_sigterm);
+	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(ck_database, NULL, 0);
@@ -757,6 +734,8 @@ cachekit_worker_main(Datum arg)
 			ProcessConfigFile(PGC_SIGHUP);
 			/* settings may have changed the URL or timeouts: reconnect now */
 			ck_redis_disconnect();
+			/* and the batch size, which the read statement holds */
+			ck_free_plans();
 			ck_set_connected(false);
 			retry_at = 0;
 			backoff_ms = 0;
@@ -779,6 +758,9 @@ cachekit_worker_main(Datum arg)
 				retry_at = 0;
 			}
 		}
+		/* a wake-up that came while we waited for Redis is not lost */
+		if (ck_redis_took_wakeup())
+			SetLatch(MyLatch);
 		if (result == CK_PASS_MORE)
 			continue;
 
