@@ -14,6 +14,7 @@
 #include "postgres.h"
 
 #include "access/htup.h"
+#include "storage/itemptr.h"
 #include "access/tupdesc.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
@@ -124,6 +125,7 @@ extern void ck_queue_init(void);
 typedef struct CkEntry
 {
 	int64		id;
+	ItemPointerData ctid;		/* where the worker read it */
 	char		kind;
 	int			nkeys;
 	char	  **keys;

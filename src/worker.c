@@ -23,6 +23,7 @@
 #include "storage/procarray.h"
 #include "utils/lsyscache.h"
 #include "utils/syscache.h"
+#include "catalog/pg_class.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -286,6 +287,7 @@ enum
 {
 	CK_PLAN_READ,
 	CK_PLAN_DELETE,
+	CK_PLAN_DELETE_IDS,
 	CK_PLAN_RETRY,
 	CK_PLAN_DEAD,
 	CK_NPLANS
@@ -336,6 +338,7 @@ ck_prepare_plans(void)
 	Oid			nspid = InvalidOid;
 	Oid			read_types[1] = {INT8OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
+	Oid			tid_types[2] = {TIDARRAYOID, INT8OID};
 
 	/* the usual case: lock the known queue, then check it is still ours */
 	if (OidIsValid(plans_ext))
@@ -357,10 +360,20 @@ ck_prepare_plans(void)
 			return false;
 
 		plans[CK_PLAN_READ] = ck_keep_plan(
-			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts FROM %s.%s "
+			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid FROM %s.%s "
 					 "WHERE id >= $1 ORDER BY id LIMIT %d",
 					 schema, CK_QUEUE_TABLE, ck_batch_size), 1, read_types);
+		/*
+		 * Delivered entries go by ctid, without an index lookup each. The
+		 * ids bound the delete: a row that took the place of a vanished
+		 * entry since the read (after a manual delete and a vacuum) was
+		 * queued later and has a higher id. A rewrite of the table (VACUUM
+		 * FULL, CLUSTER, TRUNCATE) moves rows: then ids are used instead.
+		 */
 		plans[CK_PLAN_DELETE] = ck_keep_plan(
+			psprintf("DELETE FROM %s.%s WHERE ctid = ANY ($1) AND id <= $2",
+					 schema, CK_QUEUE_TABLE), 2, tid_types);
+		plans[CK_PLAN_DELETE_IDS] = ck_keep_plan(
 			psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
 			1, ids_types);
 		plans[CK_PLAN_RETRY] = ck_keep_plan(
@@ -439,6 +452,7 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out)
 		e->value = isnull ? NULL : TextDatumGetCString(d);
 		e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
 		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 9, &isnull)), &e->ctid);
 		MemoryContextSwitchTo(old);
 	}
 	*entries_out = entries;
@@ -504,16 +518,66 @@ ck_exec_ids(int plan, Datum ids, Datum errs, int expected)
 		elog(ERROR, "cachekit worker could not update its queue: %s", SPI_result_code_string(rc));
 }
 
+/* The queue's current storage: it changes when the table is rewritten. */
+static Oid
+ck_queue_filenode(void)
+{
+	HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(plans_queue));
+	Oid			filenode;
+
+	if (!HeapTupleIsValid(tup))
+		return InvalidOid;
+	filenode = ((Form_pg_class) GETSTRUCT(tup))->relfilenode;
+	ReleaseSysCache(tup);
+	return filenode;
+}
+
+/* Delete the delivered entries, by ctid while the table was not rewritten. */
+static void
+ck_delete_delivered(CkEntry *entries, int n, Oid read_filenode)
+{
+	Datum	   *tids = palloc(sizeof(Datum) * (n + 1));
+	int64		max_id = 0;
+	int			k = 0;
+	Datum		args[2];
+	int			rc;
+
+	if (read_filenode != ck_queue_filenode())
+	{
+		int			count;
+		Datum		ids = ck_id_array(entries, n, 0, &count);
+
+		if (count > 0)
+			ck_exec_ids(CK_PLAN_DELETE_IDS, ids, (Datum) 0, SPI_OK_DELETE);
+		return;
+	}
+	for (int i = 0; i < n; i++)
+	{
+		if (entries[i].failed)
+			continue;
+		tids[k++] = PointerGetDatum(&entries[i].ctid);
+		max_id = Max(max_id, entries[i].id);
+	}
+	if (k == 0)
+		return;
+	args[0] = PointerGetDatum(construct_array(tids, k, TIDOID, sizeof(ItemPointerData),
+											  false, TYPALIGN_SHORT));
+	args[1] = Int64GetDatum(max_id);
+	rc = SPI_execute_plan(plans[CK_PLAN_DELETE], args, NULL, false, 0);
+	if (rc != SPI_OK_DELETE)
+		elog(ERROR, "cachekit worker could not update its queue: %s", SPI_result_code_string(rc));
+}
+
 /* Record the outcome of a delivered batch in the queue. */
 static void
-ck_settle_batch(CkEntry *entries, int n)
+ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 {
 	Datum		ids;
 	int			count;
 
 	ids = ck_id_array(entries, n, 0, &count);
 	if (count > 0)
-		ck_exec_ids(CK_PLAN_DELETE, ids, (Datum) 0, SPI_OK_DELETE);
+		ck_delete_delivered(entries, n, read_filenode);
 	pg_atomic_fetch_add_u64(&ck_shared->entries_delivered, count);
 
 	ids = ck_id_array(entries, n, 1, &count);
@@ -543,6 +607,7 @@ ck_pass(MemoryContext batch_cxt)
 	CkEntry    *entries = NULL;
 	int			n = 0;
 	Oid			batch_ext;
+	Oid			read_filenode;
 	bool		covered;
 	CkDeliveryStats stats;
 	char	   *err = NULL;
@@ -560,6 +625,7 @@ ck_pass(MemoryContext batch_cxt)
 		n = ck_read_batch(batch_cxt, &entries);
 	batch_ext = plans_ext;
 	last_pass_entries = n;
+	read_filenode = OidIsValid(plans_queue) ? ck_queue_filenode() : InvalidOid;
 	/* did this read see every entry up to a matured floor candidate? */
 	covered = floor_candidate.valid && floor_candidate.mature &&
 		(n < ck_batch_size || entries[n - 1].id >= floor_candidate.last_id);
@@ -611,7 +677,7 @@ ck_pass(MemoryContext batch_cxt)
 	ck_begin("settling batch");
 	if (ck_prepare_plans() && plans_ext == batch_ext)
 	{
-		ck_settle_batch(entries, n);
+		ck_settle_batch(entries, n, read_filenode);
 		ck_advance_floor(entries, n, covered);
 	}
 	ck_commit();
@@ -718,8 +784,9 @@ cachekit_worker_main(Datum arg)
 	ereport(LOG,
 			(errmsg("cachekit worker started for database \"%s\"", ck_database)));
 
+	/* a kept first block of 1MB spares the kernel a page fault storm per batch */
 	batch_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit batch",
-									  ALLOCSET_DEFAULT_SIZES);
+									  1024 * 1024, 1024 * 1024, ALLOCSET_DEFAULT_MAXSIZE);
 
 	for (;;)
 	{
