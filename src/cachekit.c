@@ -320,6 +320,16 @@ ck_wake_worker_once(void)
 		ck_wake_worker();
 }
 
+/* Tell cachekit_wait below which id of a queue nothing is pending. */
+void
+ck_publish_floor(Oid queue, int64 floor)
+{
+	SpinLockAcquire(&ck_shared->mutex);
+	ck_shared->floor_queue = queue;
+	ck_shared->delivered_floor = floor;
+	SpinLockRelease(&ck_shared->mutex);
+}
+
 /* Record the worker's most recent error for cachekit_stats. */
 void
 ck_set_last_error(const char *msg)

@@ -71,6 +71,8 @@ typedef struct CachekitShared
 	TimestampTz last_delivery_at;
 	ConditionVariable delivered_cv; /* broadcast after each delivered batch */
 	pg_atomic_uint32 wake_requested;	/* set by committers, cleared by each pass */
+	Oid			floor_queue;	/* the queue delivered_floor belongs to */
+	int64		delivered_floor;	/* every entry below it is delivered */
 	pg_atomic_uint64 keys_deleted;
 	pg_atomic_uint64 tags_flushed;
 	pg_atomic_uint64 tag_keys_deleted;
@@ -86,6 +88,7 @@ extern CachekitShared *ck_shared;
 extern void ck_wake_worker(void);
 extern void ck_wake_worker_once(void);
 extern void ck_set_last_error(const char *msg);
+extern void ck_publish_floor(Oid queue, int64 floor);
 
 /*---- templates (template.c) ----*/
 

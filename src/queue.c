@@ -15,6 +15,8 @@
 
 #include "access/heapam.h"
 #include "access/htup_details.h"
+#include "access/genam.h"
+#include "access/stratnum.h"
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -22,6 +24,8 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/relcache.h"
 #include "utils/lsyscache.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
@@ -248,24 +252,36 @@ cachekit_flush_tag(PG_FUNCTION_ARGS)
 /*
  * Does the queue still hold an entry that had committed when snapshot
  * "start" was taken? Entries of this transaction, and of transactions that
- * were still running at "start", do not count.
+ * were still running at "start", do not count. The scan follows the id
+ * index from the worker's published floor (below it everything is
+ * delivered), so a long-delivered past costs nothing.
  */
 static bool
 ck_work_pending(Oid relid, Snapshot start)
 {
 	Relation	rel;
+	Oid			index;
 	Snapshot	snap;
-	TableScanDesc scan;
+	SysScanDesc scan;
+	ScanKeyData key;
 	HeapTuple	tuple;
+	int64		floor = 0;
 	bool		found = false;
 
 	rel = try_relation_open(relid, AccessShareLock);
 	if (rel == NULL)
 		return false;			/* the extension was dropped meanwhile */
+	index = RelationGetPrimaryKeyIndex(rel);
 
+	SpinLockAcquire(&ck_shared->mutex);
+	if (ck_shared->floor_queue == relid)
+		floor = ck_shared->delivered_floor;
+	SpinLockRelease(&ck_shared->mutex);
+
+	ScanKeyInit(&key, 1, BTGreaterEqualStrategyNumber, F_INT8GE, Int64GetDatum(floor));
 	snap = RegisterSnapshot(GetLatestSnapshot());
-	scan = table_beginscan(rel, snap, 0, NULL);
-	while ((tuple = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	scan = systable_beginscan(rel, index, OidIsValid(index), snap, 1, &key);
+	while ((tuple = systable_getnext(scan)) != NULL)
 	{
 		TransactionId xmin = HeapTupleHeaderGetXmin(tuple->t_data);
 
@@ -276,7 +292,7 @@ ck_work_pending(Oid relid, Snapshot start)
 		found = true;
 		break;
 	}
-	table_endscan(scan);
+	systable_endscan(scan);
 	UnregisterSnapshot(snap);
 	/* release the lock at once: waiting must not block DROP EXTENSION */
 	relation_close(rel, AccessShareLock);

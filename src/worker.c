@@ -178,6 +178,7 @@ ck_reset_floor(void)
 {
 	read_floor = 0;
 	floor_candidate.valid = false;
+	ck_publish_floor(InvalidOid, 0);
 }
 
 /* Have all transactions of the floor candidate ended? (No snapshot yet.) */
@@ -219,7 +220,7 @@ ck_propose_floor(int64 last_id)
  * but not past an entry of the batch that stays in the queue.
  */
 static void
-ck_advance_floor(CkEntry *entries, int n, bool covered)
+ck_advance_floor(Oid queue, CkEntry *entries, int n, bool covered)
 {
 	int64		floor;
 
@@ -236,6 +237,7 @@ ck_advance_floor(CkEntry *entries, int n, bool covered)
 	}
 	read_floor = Max(read_floor, floor);
 	floor_candidate.valid = false;
+	ck_publish_floor(queue, read_floor);
 }
 
 /* Start a transaction with SPI and a snapshot, as each unit of work needs. */
@@ -678,7 +680,7 @@ ck_pass(MemoryContext batch_cxt)
 	if (ck_prepare_plans() && plans_ext == batch_ext)
 	{
 		ck_settle_batch(entries, n, read_filenode);
-		ck_advance_floor(entries, n, covered);
+		ck_advance_floor(plans_queue, entries, n, covered);
 	}
 	ck_commit();
 
@@ -771,8 +773,16 @@ cachekit_worker_main(Datum arg)
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("application_name", "cachekit worker", PGC_USERSET, PGC_S_OVERRIDE);
-	/* the kept statements are simple: plan them once */
+	/*
+	 * The kept statements are simple: plan them once. The queue's statistics
+	 * say little (it may have been empty at the last ANALYZE and hold a
+	 * million entries now), so a plan must not depend on them: reading and
+	 * deleting go by index or ctid, never by scanning and sorting it all.
+	 */
 	SetConfigOption("plan_cache_mode", "force_generic_plan", PGC_USERSET, PGC_S_OVERRIDE);
+	SetConfigOption("enable_seqscan", "off", PGC_USERSET, PGC_S_OVERRIDE);
+	SetConfigOption("enable_sort", "off", PGC_USERSET, PGC_S_OVERRIDE);
+	SetConfigOption("enable_bitmapscan", "off", PGC_USERSET, PGC_S_OVERRIDE);
 
 	SpinLockAcquire(&ck_shared->mutex);
 	ck_shared->worker_latch = MyLatch;
