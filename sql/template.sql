@@ -107,18 +107,23 @@ CREATE TRIGGER users_stmt_del AFTER DELETE ON users
 	REFERENCING OLD TABLE AS old_rows
 	FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate('user:{id}', 'tag=team:{team_id}');
 UPDATE users SET team_id = 5 WHERE id <= 4;
-SELECT kind, keys, tags FROM cachekit_queue ORDER BY id;
+SELECT kind, (SELECT array_agg(x ORDER BY x) FROM unnest(keys) x) AS keys,
+	   (SELECT array_agg(x ORDER BY x) FROM unnest(tags) x) AS tags
+FROM cachekit_queue ORDER BY id;
 TRUNCATE cachekit_queue;
 UPDATE users SET email = NULL WHERE id = 1;
 INSERT INTO users VALUES (11, 'a', 1), (12, 'b', 1);
 DELETE FROM users WHERE id > 10;
 UPDATE users SET team_id = team_id WHERE false;
-SELECT kind, keys, tags FROM cachekit_queue ORDER BY id;
+SELECT kind, (SELECT array_agg(x ORDER BY x) FROM unnest(keys) x) AS keys,
+	   (SELECT array_agg(x ORDER BY x) FROM unnest(tags) x) AS tags
+FROM cachekit_queue ORDER BY id;
 TRUNCATE cachekit_queue;
 -- a large statement is split into entries of at most 1000 keys and tags
 UPDATE users SET id = id + 0;
 INSERT INTO users SELECT g, NULL, g % 7 FROM generate_series(100, 2599) g;
 SELECT kind, cardinality(keys) AS keys, cardinality(tags) AS tags FROM cachekit_queue ORDER BY id;
+SELECT count(DISTINCT k) AS distinct_keys, count(*) AS keys FROM cachekit_queue, unnest(keys) k;
 TRUNCATE cachekit_queue;
 DROP TABLE users;
 DROP EXTENSION cachekit;

@@ -16,6 +16,7 @@
 #include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
+#include "common/hashfn.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
@@ -393,18 +394,75 @@ ck_event_slots(TriggerData *td, TupleTableSlot **oldslot, TupleTableSlot **newsl
 	}
 }
 
-/* a growing array of strings, for a statement's many rows */
-typedef struct CkStrings
+/*
+ * A set of distinct strings, for a statement's many rows: open addressing
+ * on a power-of-two table, so that the 100,000 identical tags of a bulk
+ * UPDATE cost one hash probe each and are stored once.
+ */
+typedef struct CkStringSet
 {
-	char	  **items;
+	char	  **slots;			/* NULL when empty */
+	uint32	   *hashes;
+	uint32		mask;
 	int			n;
-	int			cap;
-} CkStrings;
+} CkStringSet;
 
-/* Render templates for every row of a transition table into out. */
+/* An empty set. */
+static void
+ck_set_init(CkStringSet *set)
+{
+	set->mask = 1023;
+	set->n = 0;
+	set->slots = palloc0(sizeof(char *) * (set->mask + 1));
+	set->hashes = palloc(sizeof(uint32) * (set->mask + 1));
+}
+
+/* Put a string in its slot (no growth, no duplicate check). */
+static void
+ck_set_place(CkStringSet *set, char *str, uint32 hash)
+{
+	uint32		i = hash & set->mask;
+
+	while (set->slots[i] != NULL)
+		i = (i + 1) & set->mask;
+	set->slots[i] = str;
+	set->hashes[i] = hash;
+}
+
+/* Add a copy of str[0..len) unless the set has it. */
+static void
+ck_set_add(CkStringSet *set, const char *str, int len)
+{
+	uint32		hash = hash_bytes((const unsigned char *) str, len);
+	uint32		i = hash & set->mask;
+
+	for (; set->slots[i] != NULL; i = (i + 1) & set->mask)
+		if (set->hashes[i] == hash && strcmp(set->slots[i], str) == 0)
+			return;
+
+	if ((uint32) (set->n + 1) * 2 > set->mask + 1)
+	{
+		char	  **old_slots = set->slots;
+		uint32	   *old_hashes = set->hashes;
+		uint32		old_size = set->mask + 1;
+
+		set->mask = set->mask * 2 + 1;
+		set->slots = palloc0(sizeof(char *) * (set->mask + 1));
+		set->hashes = palloc(sizeof(uint32) * (set->mask + 1));
+		for (uint32 k = 0; k < old_size; k++)
+			if (old_slots[k] != NULL)
+				ck_set_place(set, old_slots[k], old_hashes[k]);
+		pfree(old_slots);
+		pfree(old_hashes);
+	}
+	ck_set_place(set, pnstrdup(str, len), hash);
+	set->n++;
+}
+
+/* Render templates for every row of a transition table into a set. */
 static void
 ck_render_table(Tuplestorestate *table, TupleDesc tupdesc, CkTemplate *tpls, int ntpls,
-				CkStrings *out, StringInfo buf)
+				CkStringSet *out, StringInfo buf)
 {
 	TupleTableSlot *slot = MakeSingleTupleTableSlot(tupdesc, &TTSOpsMinimalTuple);
 
@@ -412,41 +470,22 @@ ck_render_table(Tuplestorestate *table, TupleDesc tupdesc, CkTemplate *tpls, int
 	while (tuplestore_gettupleslot(table, true, false, slot))
 	{
 		for (int i = 0; i < ntpls; i++)
-		{
-			if (!ck_template_render(&tpls[i], slot, buf))
-				continue;
-			if (out->n == out->cap)
-			{
-				out->cap = out->cap ? out->cap * 2 : 1024;
-				out->items = out->items ? repalloc_huge(out->items, sizeof(char *) * out->cap)
-					: palloc(sizeof(char *) * out->cap);
-			}
-			out->items[out->n++] = pnstrdup(buf->data, buf->len);
-		}
+			if (ck_template_render(&tpls[i], slot, buf))
+				ck_set_add(out, buf->data, buf->len);
 	}
 	ExecDropSingleTupleTableSlot(slot);
 }
 
-/* qsort comparator for C strings. */
-static int
-ck_strcmp(const void *a, const void *b)
+/* Move the strings of a set into a List, in no particular order. */
+static List *
+ck_set_list(CkStringSet *set)
 {
-	return strcmp(*(char *const *) a, *(char *const *) b);
-}
+	List	   *list = NIL;
 
-/* Sort and drop duplicates. */
-static void
-ck_strings_unique(CkStrings *s)
-{
-	int			k = 0;
-
-	if (s->n == 0)
-		return;
-	qsort(s->items, s->n, sizeof(char *), ck_strcmp);
-	for (int i = 1; i < s->n; i++)
-		if (strcmp(s->items[i], s->items[k]) != 0)
-			s->items[++k] = s->items[i];
-	s->n = k + 1;
+	for (uint32 i = 0; i <= set->mask; i++)
+		if (set->slots[i] != NULL)
+			list = lappend(list, set->slots[i]);
+	return list;
 }
 
 /* keys plus tags in one queue entry of a statement-level trigger */
@@ -462,11 +501,13 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
 	bool		need_old = !TRIGGER_FIRED_BY_INSERT(td->tg_event);
 	bool		need_new = !TRIGGER_FIRED_BY_DELETE(td->tg_event);
-	CkStrings	keys = {0};
-	CkStrings	tags = {0};
+	CkStringSet keys;
+	CkStringSet tags;
 	StringInfoData buf;
-	int			k = 0;
-	int			t = 0;
+	List	   *keylist;
+	List	   *taglist;
+	ListCell   *k;
+	ListCell   *t;
 
 	if ((need_old && td->tg_oldtable == NULL) || (need_new && td->tg_newtable == NULL))
 		ereport(ERROR,
@@ -477,6 +518,8 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 						 need_old && need_new ? "OLD TABLE AS old_rows NEW TABLE AS new_rows" :
 						 need_old ? "OLD TABLE AS old_rows" : "NEW TABLE AS new_rows")));
 
+	ck_set_init(&keys);
+	ck_set_init(&tags);
 	initStringInfo(&buf);
 	if (need_old)
 	{
@@ -488,19 +531,21 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 		ck_render_table(td->tg_newtable, tupdesc, cfg->keys, cfg->nkeys, &keys, &buf);
 		ck_render_table(td->tg_newtable, tupdesc, cfg->tags, cfg->ntags, &tags, &buf);
 	}
-	ck_strings_unique(&keys);
-	ck_strings_unique(&tags);
+	keylist = ck_set_list(&keys);
+	taglist = ck_set_list(&tags);
 
-	while (k < keys.n || t < tags.n)
+	k = list_head(keylist);
+	t = list_head(taglist);
+	while (k != NULL || t != NULL)
 	{
 		List	   *chunk_keys = NIL;
 		List	   *chunk_tags = NIL;
 		int			room = CK_STATEMENT_CHUNK;
 
-		for (; k < keys.n && room > 0; k++, room--)
-			chunk_keys = lappend(chunk_keys, keys.items[k]);
-		for (; t < tags.n && room > 0; t++, room--)
-			chunk_tags = lappend(chunk_tags, tags.items[t]);
+		for (; k != NULL && room > 0; k = lnext(keylist, k), room--)
+			chunk_keys = lappend(chunk_keys, lfirst(k));
+		for (; t != NULL && room > 0; t = lnext(taglist, t), room--)
+			chunk_tags = lappend(chunk_tags, lfirst(t));
 		ck_enqueue(nspid, CK_KIND_INVALIDATE, chunk_keys, chunk_tags, NIL, NULL, 0);
 		list_free(chunk_keys);
 		list_free(chunk_tags);
