@@ -23,6 +23,13 @@ CREATE TABLE cachekit_queue (
 	enqueued_at timestamptz NOT NULL DEFAULT now()
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
 		autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000);
+-- Entries live for milliseconds: compressing a statement's thousand keys
+-- would cost the writer more than it saves.
+ALTER TABLE cachekit_queue
+	ALTER COLUMN keys SET STORAGE EXTERNAL,
+	ALTER COLUMN tags SET STORAGE EXTERNAL,
+	ALTER COLUMN untags SET STORAGE EXTERNAL,
+	ALTER COLUMN value SET STORAGE EXTERNAL;
 REVOKE ALL ON cachekit_queue FROM PUBLIC;
 REVOKE ALL ON SEQUENCE cachekit_queue_id_seq FROM PUBLIC;
 
