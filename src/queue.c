@@ -5,9 +5,9 @@
  *	  commit, and the SQL functions cachekit_delete, cachekit_flush_tag and
  *	  cachekit_wait.
  *
- * Entries are rows of cachekit_queue, inserted through one kept SPI plan as
- * the table's owner: roles that write watched tables need no grant on the
- * queue. Nothing here touches the network.
+ * Entries are rows of cachekit_queue, inserted directly into its heap and
+ * index: roles that write watched tables need no grant on the queue.
+ * Nothing here touches the network.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,8 +19,9 @@
 #include "access/stratnum.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/index.h"
 #include "catalog/pg_type.h"
-#include "executor/spi.h"
+#include "commands/sequence.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -34,9 +35,6 @@
 /* did this transaction enqueue anything? then wake the worker at commit */
 static bool enqueued_in_xact = false;
 
-/* the kept INSERT plan and the schema it was made for */
-static SPIPlanPtr insert_plan = NULL;
-static Oid	insert_plan_nsp = InvalidOid;
 
 PG_FUNCTION_INFO_V1(cachekit_delete);
 PG_FUNCTION_INFO_V1(cachekit_flush_tag);
@@ -128,74 +126,128 @@ ck_text_array(List *items)
 	return PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false, TYPALIGN_INT));
 }
 
+/* the queue's columns, by name, as the direct insert fills them */
+static const char *const queue_columns[] = {
+	"id", "kind", "keys", "tags", "untags", "value", "ttl", "attempts",
+	"last_error", "enqueued_at"
+};
+#define CK_QUEUE_NCOLS lengthof(queue_columns)
+
+/* where those columns are in the table, found once per queue table */
+static struct
+{
+	Oid			relid;
+	Oid			seqid;			/* the id column's sequence */
+	AttrNumber	attnum[CK_QUEUE_NCOLS];
+} queue_layout;
+
+/* Find the queue's column numbers and id sequence (once per table). */
+static void
+ck_queue_layout(Relation rel, Oid nspid)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	Oid			seqid;
+
+	if (queue_layout.relid == RelationGetRelid(rel))
+		return;
+	queue_layout.relid = InvalidOid;
+	for (int c = 0; c < (int) CK_QUEUE_NCOLS; c++)
+	{
+		AttrNumber	found = InvalidAttrNumber;
+
+		for (int a = 0; a < desc->natts; a++)
+			if (!TupleDescAttr(desc, a)->attisdropped &&
+				strcmp(NameStr(TupleDescAttr(desc, a)->attname), queue_columns[c]) == 0)
+				found = a + 1;
+		if (found == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("cachekit queue table has no column \"%s\"", queue_columns[c]),
+					 errhint("Recreate the extension with DROP EXTENSION cachekit; CREATE EXTENSION cachekit;")));
+		queue_layout.attnum[c] = found;
+	}
+	seqid = get_relname_relid(CK_QUEUE_TABLE "_id_seq", nspid);
+	if (!OidIsValid(seqid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("cachekit queue sequence \"%s_id_seq\" does not exist", CK_QUEUE_TABLE),
+				 errhint("Recreate the extension with DROP EXTENSION cachekit; CREATE EXTENSION cachekit;")));
+	queue_layout.seqid = seqid;
+	queue_layout.relid = RelationGetRelid(rel);
+}
+
 /*
  * Insert one queue entry in the current transaction.
  * keys and tags are Lists of C strings; value may be NULL.
+ *
+ * This runs for every changed row of a watched table, so it inserts
+ * directly into the heap and the indexes rather than through a SQL
+ * statement: no parsing, planning or executor start-up per row, and no
+ * permission check (writers need no grant on the queue). It is a plain
+ * WAL-logged heap insert, so crash safety, replication and statistics are
+ * those of any other insert.
  */
 void
 ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
 		   const char *value, int ttl)
 {
-	Oid			relid = ck_queue_relid(nspid);
-	Oid			owner;
-	Oid			save_userid;
-	int			save_sec_context;
-	Datum		values[6];
-	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
-	HeapTuple	reltup;
-	int			rc;
+	Relation	rel = table_open(ck_queue_relid(nspid), RowExclusiveLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
+	bool	   *nulls = palloc(sizeof(bool) * desc->natts);
+	HeapTuple	tuple;
+	List	   *indexes;
+	ListCell   *lc;
 
-	reltup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
-	if (!HeapTupleIsValid(reltup))
-		elog(ERROR, "cache lookup failed for relation %u", relid);
-	owner = ((Form_pg_class) GETSTRUCT(reltup))->relowner;
-	ReleaseSysCache(reltup);
-
-	values[0] = CharGetDatum(kind);
-	values[1] = ck_text_array(keys);
-	values[2] = ck_text_array(tags);
-	values[3] = ck_text_array(untags);
+	ck_queue_layout(rel, nspid);
+	memset(nulls, true, sizeof(bool) * desc->natts);
+#define SET_COLUMN(c, v) \
+	(values[queue_layout.attnum[c] - 1] = (v), nulls[queue_layout.attnum[c] - 1] = false)
+	SET_COLUMN(0, Int64GetDatum(nextval_internal(queue_layout.seqid, false)));
+	SET_COLUMN(1, CharGetDatum(kind));
+	SET_COLUMN(2, ck_text_array(keys));
+	SET_COLUMN(3, ck_text_array(tags));
+	SET_COLUMN(4, ck_text_array(untags));
 	if (value)
-		values[4] = CStringGetTextDatum(value);
-	else
+		SET_COLUMN(5, CStringGetTextDatum(value));
+	SET_COLUMN(6, Int32GetDatum(ttl));
+	SET_COLUMN(7, Int32GetDatum(0));
+	/* 8: last_error stays NULL */
+	SET_COLUMN(9, TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()));
+#undef SET_COLUMN
+
+	tuple = heap_form_tuple(desc, values, nulls);
+	simple_heap_insert(rel, tuple);
+
+	/* the indexes (the primary key on id): plain columns only */
+	indexes = RelationGetIndexList(rel);
+	foreach(lc, indexes)
 	{
-		values[4] = (Datum) 0;
-		nulls[4] = 'n';
+		Relation	index = index_open(lfirst_oid(lc), RowExclusiveLock);
+		IndexInfo  *info = BuildIndexInfo(index);
+		Datum		ivalues[INDEX_MAX_KEYS];
+		bool		inulls[INDEX_MAX_KEYS];
+
+		if (info->ii_Expressions != NIL || info->ii_Predicate != NIL)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("index \"%s\" on the cachekit queue has expressions or a predicate",
+							RelationGetRelationName(index)),
+					 errhint("Drop that index: the queue supports plain column indexes only.")));
+		for (int k = 0; k < info->ii_NumIndexAttrs; k++)
+		{
+			AttrNumber	attno = info->ii_IndexAttrNumbers[k];
+
+			ivalues[k] = heap_getattr(tuple, attno, desc, &inulls[k]);
+		}
+		index_insert(index, ivalues, inulls, &tuple->t_self, rel,
+					 index->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+					 false, info);
+		index_close(index, NoLock);
 	}
-	values[5] = Int32GetDatum(ttl);
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-
-	if (insert_plan == NULL || insert_plan_nsp != nspid)
-	{
-		Oid			argtypes[6] = {CHAROID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTOID, INT4OID};
-		char	   *sql;
-		SPIPlanPtr	plan;
-
-		sql = psprintf("INSERT INTO %s.%s (kind, keys, tags, untags, value, ttl) VALUES ($1, $2, $3, $4, $5, $6)",
-					   quote_identifier(get_namespace_name(nspid)), CK_QUEUE_TABLE);
-		plan = SPI_prepare(sql, 6, argtypes);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		if (insert_plan)
-			SPI_freeplan(insert_plan);
-		insert_plan = NULL;
-		SPI_keepplan(plan);
-		insert_plan = plan;
-		insert_plan_nsp = nspid;
-	}
-
-	/* write as the queue's owner: writers need no grant on the queue */
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	SetUserIdAndSecContext(owner, save_sec_context |
-						   SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
-	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
-	SetUserIdAndSecContext(save_userid, save_sec_context);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "cachekit could not enqueue: %s", SPI_result_code_string(rc));
-
-	SPI_finish();
+	list_free(indexes);
+	heap_freetuple(tuple);
+	table_close(rel, NoLock);
 	ck_note_enqueued();
 }
 

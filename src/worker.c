@@ -45,12 +45,17 @@
 #define CK_FIRST_RETRY_MS 20
 /*
  * Under load (a pass found at least CK_LINGER_MIN_ENTRIES entries) the
- * worker waits CK_LINGER_MS before the next pass instead of being woken by
- * every commit: commits then cost no signal, and batches grow. A lightly
- * loaded worker is still woken at once by each commit.
+ * worker waits a little before the next pass instead of being woken by
+ * every commit: commits then cost no signal, batches grow, and the fixed
+ * cost of a pass (two short transactions, a Redis round trip) and of
+ * flushing a popular tag is shared by more entries. The wait grows with
+ * the load, one millisecond per CK_LINGER_ENTRIES_PER_MS entries of the
+ * last pass, up to CK_LINGER_MAX_MS. A lightly loaded worker is still woken
+ * at once by each commit.
  */
 #define CK_LINGER_MIN_ENTRIES 4
-#define CK_LINGER_MS 1
+#define CK_LINGER_ENTRIES_PER_MS 16
+#define CK_LINGER_MAX_MS 5
 
 /* the outcome of one pass */
 typedef enum CkPass
@@ -846,7 +851,7 @@ cachekit_worker_main(Datum arg)
 		{
 			/* busy: let commits gather for a moment rather than each waking us */
 			pg_atomic_write_u32(&ck_shared->wake_requested, 1);
-			wait_ms = CK_LINGER_MS;
+			wait_ms = Min(1 + last_pass_entries / CK_LINGER_ENTRIES_PER_MS, CK_LINGER_MAX_MS);
 		}
 		else if (retry_at != 0)
 		{
