@@ -23,6 +23,7 @@
 
 #include "miscadmin.h"
 #include "storage/latch.h"
+#include "utils/memutils.h"
 #include "utils/wait_event.h"
 
 static redisContext *conn = NULL;
@@ -232,6 +233,26 @@ ck_redis_took_wakeup(void)
 }
 
 /*
+ * The events the worker waits for while talking to Redis: its latch,
+ * postmaster death, and the socket. Made once per connection; creating an
+ * epoll set for every wait would cost more than the wait.
+ */
+static WaitEventSet *wait_set = NULL;
+static int	socket_pos = -1;
+static uint32 socket_events = 0;
+
+/* Make the wait set for a new connection. */
+static void
+ck_wait_set_create(void)
+{
+	wait_set = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	socket_events = WL_SOCKET_WRITEABLE;
+	socket_pos = AddWaitEventToSet(wait_set, socket_events, conn->fd, NULL, NULL);
+}
+
+/*
  * Wait until the socket is ready for "event" (WL_SOCKET_READABLE or
  * WL_SOCKET_WRITEABLE) or the deadline passes (false). Interrupts are
  * served meanwhile, so SIGTERM and the barriers of DROP DATABASE never wait
@@ -240,25 +261,31 @@ ck_redis_took_wakeup(void)
 static bool
 ck_wait_socket(int event, TimestampTz deadline)
 {
+	if (socket_events != (uint32) event)
+	{
+		ModifyWaitEvent(wait_set, socket_pos, event, NULL);
+		socket_events = event;
+	}
 	for (;;)
 	{
 		TimestampTz now = GetCurrentTimestamp();
+		WaitEvent	occurred;
 		long		timeout_ms;
-		int			rc;
+		int			n;
 
 		if (now >= deadline)
 			return false;
 		timeout_ms = (long) ((deadline - now + 999) / 1000);
-		rc = WaitLatchOrSocket(MyLatch,
-							   WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH | event,
-							   conn->fd, timeout_ms, PG_WAIT_EXTENSION);
-		if (rc & WL_LATCH_SET)
+		n = WaitEventSetWait(wait_set, timeout_ms, &occurred, 1, PG_WAIT_EXTENSION);
+		if (n == 0)
+			continue;			/* timeout: the loop checks the deadline */
+		if (occurred.events & WL_LATCH_SET)
 		{
 			ResetLatch(MyLatch);
 			latch_consumed = true;
 			CHECK_FOR_INTERRUPTS();
 		}
-		if (rc & event)
+		if (occurred.events & event)
 			return true;
 	}
 }
@@ -379,6 +406,7 @@ ck_redis_connect(const CkRedisUrl *url, char **errmsg)
 		ck_redis_disconnect();
 		return false;
 	}
+	ck_wait_set_create();
 	if (!ck_wait_socket(WL_SOCKET_WRITEABLE, ck_deadline(ck_connect_timeout)))
 	{
 		*errmsg = psprintf("could not connect to %s:%d within cachekit.connect_timeout (%d ms)",
@@ -447,6 +475,9 @@ ck_redis_connect(const CkRedisUrl *url, char **errmsg)
 void
 ck_redis_disconnect(void)
 {
+	if (wait_set)
+		FreeWaitEventSet(wait_set);
+	wait_set = NULL;
 	if (conn)
 		redisFree(conn);
 	conn = NULL;

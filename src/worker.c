@@ -849,8 +849,13 @@ cachekit_worker_main(Datum arg)
 		if (retry_at == 0 && result == CK_PASS_IDLE &&
 			last_pass_entries >= CK_LINGER_MIN_ENTRIES)
 		{
-			/* busy: let commits gather for a moment rather than each waking us */
+			/*
+			 * Busy: let commits gather for a moment rather than each waking
+			 * us. A wake-up that came during the pass is covered by the pass
+			 * after the wait, so it is dropped here.
+			 */
 			pg_atomic_write_u32(&ck_shared->wake_requested, 1);
+			ResetLatch(MyLatch);
 			wait_ms = Min(1 + last_pass_entries / CK_LINGER_ENTRIES_PER_MS, CK_LINGER_MAX_MS);
 		}
 		else if (retry_at != 0)
