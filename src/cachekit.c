@@ -216,7 +216,7 @@ check_redis_url(char **newval, void **extra, GucSource source)
 	return false;
 }
 
-/* A tag prefix may be empty but must not hold a NUL-less oddity: any text. */
+/* Any tag prefix will do, even an empty one. */
 static bool
 check_tag_prefix(char **newval, void **extra, GucSource source)
 {

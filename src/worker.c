@@ -18,6 +18,8 @@
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
+#include "commands/vacuum.h"
+#include "nodes/makefuncs.h"
 #include "storage/lmgr.h"
 #include "storage/lock.h"
 #include "storage/procarray.h"
@@ -67,6 +69,17 @@ typedef enum CkPass
 
 static bool redis_down = false;	/* logged the loss, not yet the return */
 static int	last_pass_entries = 0;	/* entries the last pass read */
+
+/*
+ * The worker vacuums its queue itself once it has deleted this many entries
+ * (and at most every CK_VACUUM_MIN_MS): at tens of thousands of entries a
+ * second, autovacuum's one-minute nap lets the queue swell by millions of
+ * dead rows between its visits.
+ */
+#define CK_VACUUM_ENTRIES 200000
+#define CK_VACUUM_MIN_MS 5000
+static int64 deleted_since_vacuum = 0;
+static TimestampTz last_vacuum = 0;
 
 static char *current_host = NULL;	/* for messages, without the password */
 
@@ -585,6 +598,7 @@ ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 	ids = ck_id_array(entries, n, 0, &count);
 	if (count > 0)
 		ck_delete_delivered(entries, n, read_filenode);
+	deleted_since_vacuum += count;
 	pg_atomic_fetch_add_u64(&ck_shared->entries_delivered, count);
 
 	ids = ck_id_array(entries, n, 1, &count);
@@ -714,6 +728,65 @@ ck_pass(MemoryContext batch_cxt)
 	return n >= ck_batch_size ? CK_PASS_MORE : CK_PASS_IDLE;
 }
 
+/* Vacuum the queue when enough entries were deleted since the last time. */
+static void
+ck_maybe_vacuum(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext portal;
+	VacuumParams params;
+	Oid			queue = plans_queue;
+
+	if (deleted_since_vacuum < CK_VACUUM_ENTRIES || !OidIsValid(queue) ||
+		!TimestampDifferenceExceeds(last_vacuum, now, CK_VACUUM_MIN_MS))
+		return;
+	deleted_since_vacuum = 0;
+	last_vacuum = now;
+
+	memset(&params, 0, sizeof(params));
+	params.options = VACOPT_VACUUM | VACOPT_SKIP_LOCKED | VACOPT_PROCESS_TOAST;
+	params.freeze_min_age = -1;
+	params.freeze_table_age = -1;
+	params.multixact_freeze_min_age = -1;
+	params.multixact_freeze_table_age = -1;
+	params.log_min_duration = -1;
+	params.index_cleanup = VACOPTVALUE_UNSPECIFIED;
+	params.truncate = VACOPTVALUE_UNSPECIFIED;
+	params.nworkers = -1;
+
+	/* vacuum() runs its own transactions and wants a portal context */
+	portal = AllocSetContextCreate(TopMemoryContext, "cachekit vacuum", ALLOCSET_DEFAULT_SIZES);
+	PortalContext = portal;
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		pgstat_report_activity(STATE_RUNNING, "vacuuming queue");
+		vacuum(list_make1(makeVacuumRelation(NULL, queue, NIL)), &params, NULL, true);
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ereport(LOG,
+				(errcode(edata->sqlerrcode),
+				 errmsg("cachekit worker could not vacuum its queue: %s", edata->message)));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	PortalContext = NULL;
+	MemoryContextSwitchTo(cxt);
+	MemoryContextDelete(portal);
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
 /*
  * A pass that survives its own errors (the queue table dropped under it,
  * say): the error is logged, the transaction rolled back, and the pass
@@ -827,6 +900,7 @@ cachekit_worker_main(Datum arg)
 		{
 			result = ck_pass_guarded(batch_cxt);
 			MemoryContextReset(batch_cxt);
+			ck_maybe_vacuum();
 			if (result == CK_PASS_FAILED)
 			{
 				backoff_ms = backoff_ms == 0 ? CK_FIRST_RETRY_MS :
