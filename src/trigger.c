@@ -19,6 +19,7 @@
 #include "common/hashfn.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/fmgrprotos.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
@@ -457,21 +458,90 @@ ck_set_add(CkStringSet *set, const char *str, int len)
 	set->n++;
 }
 
-/* Render templates for every row of a transition table into a set. */
-static void
-ck_render_table(Tuplestorestate *table, TupleDesc tupdesc, CkTemplate *tpls, int ntpls,
-				CkStringSet *out, StringInfo buf)
+/*
+ * Would a template render the same for two row versions? True when every
+ * column it uses holds the same bytes (or is NULL) in both: then the
+ * output is the same, whichever rows they are.
+ */
+static bool
+ck_template_same(CkTemplate *tpl, TupleTableSlot *a, TupleTableSlot *b)
 {
-	TupleTableSlot *slot = MakeSingleTupleTableSlot(tupdesc, &TTSOpsMinimalTuple);
-
-	tuplestore_rescan(table);
-	while (tuplestore_gettupleslot(table, true, false, slot))
+	for (int i = 0; i < tpl->nparts; i++)
 	{
-		for (int i = 0; i < ntpls; i++)
-			if (ck_template_render(&tpls[i], slot, buf))
-				ck_set_add(out, buf->data, buf->len);
+		CkTemplatePart *part = &tpl->parts[i];
+		Form_pg_attribute att;
+		Datum		va,
+					vb;
+		bool		na,
+					nb;
+
+		if (part->column == NULL)
+			continue;
+		va = slot_getattr(a, part->attnum, &na);
+		vb = slot_getattr(b, part->attnum, &nb);
+		if (na != nb)
+			return false;
+		if (na)
+			continue;
+		att = TupleDescAttr(a->tts_tupleDescriptor, part->attnum - 1);
+		if (!datumIsEqual(va, vb, att->attbyval, att->attlen))
+			return false;
 	}
-	ExecDropSingleTupleTableSlot(slot);
+	return true;
+}
+
+/* Render every template for one row version into a set. */
+static void
+ck_render_row(TupleTableSlot *slot, CkTemplate *tpls, int ntpls, CkStringSet *out,
+			  StringInfo buf)
+{
+	for (int i = 0; i < ntpls; i++)
+		if (ck_template_render(&tpls[i], slot, buf))
+			ck_set_add(out, buf->data, buf->len);
+}
+
+/*
+ * Render the templates for every row of one or two transition tables into
+ * sets. With two (an UPDATE), rows are taken side by side and a template
+ * whose columns hold the same values in both is rendered once: the common
+ * bulk UPDATE of other columns then renders each key once, not twice. This
+ * needs no pairing of old and new rows to be right: equal values render
+ * equal strings, whichever rows they come from.
+ */
+static void
+ck_render_tables(Tuplestorestate *oldtable, Tuplestorestate *newtable, TupleDesc tupdesc,
+				 CkTriggerConfig *cfg, CkStringSet *keys, CkStringSet *tags, StringInfo buf)
+{
+	TupleTableSlot *oldslot = MakeSingleTupleTableSlot(tupdesc, &TTSOpsMinimalTuple);
+	TupleTableSlot *newslot = MakeSingleTupleTableSlot(tupdesc, &TTSOpsMinimalTuple);
+
+	if (oldtable)
+		tuplestore_rescan(oldtable);
+	if (newtable)
+		tuplestore_rescan(newtable);
+	for (;;)
+	{
+		bool		has_old = oldtable && tuplestore_gettupleslot(oldtable, true, false, oldslot);
+		bool		has_new = newtable && tuplestore_gettupleslot(newtable, true, false, newslot);
+
+		if (!has_old && !has_new)
+			break;
+		if (has_old)
+		{
+			ck_render_row(oldslot, cfg->keys, cfg->nkeys, keys, buf);
+			ck_render_row(oldslot, cfg->tags, cfg->ntags, tags, buf);
+		}
+		if (!has_new)
+			continue;
+		for (int i = 0; i < cfg->nkeys; i++)
+			if (!has_old || !ck_template_same(&cfg->keys[i], oldslot, newslot))
+				ck_render_row(newslot, &cfg->keys[i], 1, keys, buf);
+		for (int i = 0; i < cfg->ntags; i++)
+			if (!has_old || !ck_template_same(&cfg->tags[i], oldslot, newslot))
+				ck_render_row(newslot, &cfg->tags[i], 1, tags, buf);
+	}
+	ExecDropSingleTupleTableSlot(oldslot);
+	ExecDropSingleTupleTableSlot(newslot);
 }
 
 /* Move the strings of a set into a List, in no particular order. */
@@ -519,16 +589,8 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 	ck_set_init(&keys);
 	ck_set_init(&tags);
 	initStringInfo(&buf);
-	if (need_old)
-	{
-		ck_render_table(td->tg_oldtable, tupdesc, cfg->keys, cfg->nkeys, &keys, &buf);
-		ck_render_table(td->tg_oldtable, tupdesc, cfg->tags, cfg->ntags, &tags, &buf);
-	}
-	if (need_new)
-	{
-		ck_render_table(td->tg_newtable, tupdesc, cfg->keys, cfg->nkeys, &keys, &buf);
-		ck_render_table(td->tg_newtable, tupdesc, cfg->tags, cfg->ntags, &tags, &buf);
-	}
+	ck_render_tables(need_old ? td->tg_oldtable : NULL, need_new ? td->tg_newtable : NULL,
+					 tupdesc, cfg, &keys, &tags, &buf);
 	keylist = ck_set_list(&keys);
 	taglist = ck_set_list(&tags);
 
