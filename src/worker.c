@@ -169,6 +169,28 @@ ck_ensure_connection(void)
 	return true;
 }
 
+/* what becomes of a queue entry after a delivery attempt */
+typedef enum CkFate
+{
+	CK_FATE_DELIVERED,			/* Redis took it: delete it */
+	CK_FATE_WAIT,				/* a transient error: retry, attempts unchanged */
+	CK_FATE_RETRY,				/* refused: count the attempt, retry */
+	CK_FATE_DEAD				/* refused cachekit.max_attempts times: dead letter */
+} CkFate;
+
+/* The fate of an entry after its delivery attempt. */
+static CkFate
+ck_fate(const CkEntry *e)
+{
+	if (!e->failed)
+		return CK_FATE_DELIVERED;
+	if (e->transient)
+		return CK_FATE_WAIT;
+	if (e->attempts + 1 >= ck_max_attempts)
+		return CK_FATE_DEAD;
+	return CK_FATE_RETRY;
+}
+
 /*
  * Where reading starts. Entries leave the queue from its low end, so the
  * low end of the id index fills with dead entries until vacuum removes
@@ -247,8 +269,8 @@ ck_advance_floor(Oid queue, CkEntry *entries, int n, bool covered)
 	floor = floor_candidate.last_id + 1;
 	for (int i = 0; i < n; i++)
 	{
-		bool		stays = entries[i].failed &&
-			(entries[i].transient || entries[i].attempts + 1 < ck_max_attempts);
+		CkFate		fate = ck_fate(&entries[i]);
+		bool		stays = (fate == CK_FATE_WAIT || fate == CK_FATE_RETRY);
 
 		if (stays && entries[i].id < floor)
 			floor = entries[i].id;
@@ -479,50 +501,30 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out)
 	return n;
 }
 
-/* Build a bigint[] of the ids of entries matching a predicate. */
+/* Build a bigint[] of the ids of the entries with a given fate. */
 static Datum
-ck_id_array(CkEntry *entries, int n, int which, int *count)
+ck_id_array(CkEntry *entries, int n, CkFate fate, int *count)
 {
 	Datum	   *ids = palloc(sizeof(Datum) * (n + 1));
 	int			k = 0;
 
 	for (int i = 0; i < n; i++)
-	{
-		CkEntry    *e = &entries[i];
-		int			cls;
-
-		/* 0: delivered, 1: refused and retried later, 2: dead letter */
-		if (!e->failed)
-			cls = 0;
-		else if (e->transient)
-			cls = -1;
-		else if (e->attempts + 1 >= ck_max_attempts)
-			cls = 2;
-		else
-			cls = 1;
-		if (cls == which)
-			ids[k++] = Int64GetDatum(e->id);
-	}
+		if (ck_fate(&entries[i]) == fate)
+			ids[k++] = Int64GetDatum(entries[i].id);
 	*count = k;
 	return PointerGetDatum(construct_array(ids, k, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 }
 
-/* Build a text[] of the errors of the entries of class "which", in id order. */
+/* Build a text[] of the errors of the entries with a given fate, in id order. */
 static Datum
-ck_error_array(CkEntry *entries, int n, int which)
+ck_error_array(CkEntry *entries, int n, CkFate fate)
 {
 	Datum	   *errs = palloc(sizeof(Datum) * (n + 1));
 	int			k = 0;
 
 	for (int i = 0; i < n; i++)
-	{
-		CkEntry    *e = &entries[i];
-
-		if (!e->failed || e->transient)
-			continue;
-		if ((e->attempts + 1 >= ck_max_attempts) == (which == 2))
-			errs[k++] = CStringGetTextDatum(e->error ? e->error : "refused");
-	}
+		if (ck_fate(&entries[i]) == fate)
+			errs[k++] = CStringGetTextDatum(entries[i].error ? entries[i].error : "refused");
 	return PointerGetDatum(construct_array(errs, k, TEXTOID, -1, false, TYPALIGN_INT));
 }
 
@@ -554,7 +556,7 @@ ck_queue_filenode(void)
 
 /* Delete the delivered entries, by ctid while the table was not rewritten. */
 static void
-ck_delete_delivered(CkEntry *entries, int n, Oid read_filenode)
+ck_delete_delivered(CkEntry *entries, int n, Datum ids, Oid read_filenode)
 {
 	Datum	   *tids = palloc(sizeof(Datum) * (n + 1));
 	int64		max_id = 0;
@@ -564,16 +566,12 @@ ck_delete_delivered(CkEntry *entries, int n, Oid read_filenode)
 
 	if (read_filenode != ck_queue_filenode())
 	{
-		int			count;
-		Datum		ids = ck_id_array(entries, n, 0, &count);
-
-		if (count > 0)
-			ck_exec_ids(CK_PLAN_DELETE_IDS, ids, (Datum) 0, SPI_OK_DELETE);
+		ck_exec_ids(CK_PLAN_DELETE_IDS, ids, (Datum) 0, SPI_OK_DELETE);
 		return;
 	}
 	for (int i = 0; i < n; i++)
 	{
-		if (entries[i].failed)
+		if (ck_fate(&entries[i]) != CK_FATE_DELIVERED)
 			continue;
 		tids[k++] = PointerGetDatum(&entries[i].ctid);
 		max_id = Max(max_id, entries[i].id);
@@ -595,24 +593,23 @@ ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 	Datum		ids;
 	int			count;
 
-	ids = ck_id_array(entries, n, 0, &count);
+	ids = ck_id_array(entries, n, CK_FATE_DELIVERED, &count);
 	if (count > 0)
-		ck_delete_delivered(entries, n, read_filenode);
+		ck_delete_delivered(entries, n, ids, read_filenode);
 	deleted_since_vacuum += count;
 	pg_atomic_fetch_add_u64(&ck_shared->entries_delivered, count);
 
-	ids = ck_id_array(entries, n, 1, &count);
+	ids = ck_id_array(entries, n, CK_FATE_RETRY, &count);
 	if (count > 0)
-		ck_exec_ids(CK_PLAN_RETRY, ids, ck_error_array(entries, n, 1), SPI_OK_UPDATE);
+		ck_exec_ids(CK_PLAN_RETRY, ids, ck_error_array(entries, n, CK_FATE_RETRY), SPI_OK_UPDATE);
 
-	ids = ck_id_array(entries, n, 2, &count);
+	ids = ck_id_array(entries, n, CK_FATE_DEAD, &count);
 	if (count > 0)
 	{
-		ck_exec_ids(CK_PLAN_DEAD, ids, ck_error_array(entries, n, 2), SPI_OK_INSERT);
+		ck_exec_ids(CK_PLAN_DEAD, ids, ck_error_array(entries, n, CK_FATE_DEAD), SPI_OK_INSERT);
 		pg_atomic_fetch_add_u64(&ck_shared->dead_lettered, count);
 		for (int i = 0; i < n; i++)
-			if (entries[i].failed && !entries[i].transient &&
-				entries[i].attempts + 1 >= ck_max_attempts)
+			if (ck_fate(&entries[i]) == CK_FATE_DEAD)
 				ereport(WARNING,
 						(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 						 errmsg("cachekit moved queue entry %lld to %s after %d refusals",
