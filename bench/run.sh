@@ -32,6 +32,7 @@
 #   IDLE_SECONDS      idle window [10 / 3]
 #   SUSTAIN_SECONDS   sustained-load run [300 / 12]
 #   SUSTAIN_PROGRESS  pgbench -P interval of it [60 / 3]
+#   SUSTAIN_WARMUP    same load before it, not measured [60 / 3]
 #   SUSTAIN_TRIGGER   trigger of it: ck_row, write_through, none, ... [ck_row]
 #   BENCH_ONLY        subset of: tps bulk latency drain idle sustain [all]
 #   BENCH_SKIP_BUILD=1   use the installed cachekit, do not run test/setup.sh
@@ -57,9 +58,9 @@ unset PGHOST PGPORT PGDATABASE PGUSER PGPASSWORD PGSERVICE PGOPTIONS PGDATA PGHO
 # ---- settings -------------------------------------------------------------------
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
-    d_secs=3 d_warm=1 d_bulk=1 d_lat=200 d_drain=100000 d_drain_rounds=1 d_idle=3 d_sus=12 d_prog=3
+    d_secs=3 d_warm=1 d_bulk=1 d_lat=200 d_drain=100000 d_drain_rounds=1 d_idle=3 d_sus=12 d_prog=3 d_sus_warm=3
 else
-    d_secs=20 d_warm=10 d_bulk=3 d_lat=1000 d_drain=1000000 d_drain_rounds=2 d_idle=10 d_sus=300 d_prog=60
+    d_secs=20 d_warm=10 d_bulk=3 d_lat=1000 d_drain=1000000 d_drain_rounds=2 d_idle=10 d_sus=300 d_prog=60 d_sus_warm=60
 fi
 BENCH_SECONDS=${BENCH_SECONDS:-$d_secs}
 WARMUP_SECONDS=${WARMUP_SECONDS:-$d_warm}
@@ -76,6 +77,7 @@ DRAIN_WAIT=${DRAIN_WAIT:-counter}
 IDLE_SECONDS=${IDLE_SECONDS:-$d_idle}
 SUSTAIN_SECONDS=${SUSTAIN_SECONDS:-$d_sus}
 SUSTAIN_PROGRESS=${SUSTAIN_PROGRESS:-$d_prog}
+SUSTAIN_WARMUP=${SUSTAIN_WARMUP:-$d_sus_warm}
 BENCH_ONLY=${BENCH_ONLY:-tps bulk latency drain idle sustain}
 BENCH_BUILD_DIR=${BENCH_BUILD_DIR:-/tmp/cachekit-bench-build}
 
@@ -390,6 +392,13 @@ BEGIN
 END $$;
 
 -- (b) pg_notify from a trigger, a listener deletes
+-- reference for target 2: a statement trigger that does nothing with the
+-- same transition tables, i.e. what PostgreSQL's own capture of them costs
+CREATE FUNCTION bench_noop() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN NULL;
+END $$;
+
 CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
@@ -513,6 +522,7 @@ set_trigger() {
         none) body= ;;
         ck_row) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate($CK_INVALIDATE_ARGS)" ;;
         ck_stmt) body="AFTER UPDATE ON users REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate($CK_INVALIDATE_ARGS)" ;;
+        noop_stmt) body="AFTER UPDATE ON users REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_noop()" ;;
         write_through) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_write_through($CK_WRITE_THROUGH_ARGS)" ;;
         outbox) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION bench_outbox_enqueue()" ;;
         notify) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION bench_notify()" ;;
@@ -717,7 +727,7 @@ EOF
 bulk_part() {
     local r v
     for ((r = 1; r <= BULK_RUNS; r++)); do
-        for v in none ck_stmt ck_row; do bulk_run "$v" "$r"; done
+        for v in none noop_stmt ck_stmt ck_row; do bulk_run "$v" "$r"; done
     done
     set_trigger none
 }
@@ -827,15 +837,20 @@ idle_part() {
 
 # ---- 6: sustained load --------------------------------------------------------------
 sustain_part() {
-    local log=$WORK/logs/sustain.log sampler size0 size1 rows1 first last
+    local log=$WORK/logs/sustain.log samples=$WORK/queue_samples sampler size0 sizew size1 rows1 first last n
     prepare_run
     set_trigger "${SUSTAIN_TRIGGER:-ck_row}"
     size0=$(q "SELECT pg_total_relation_size('cachekit_queue')")
+    # the same load first, unmeasured: the first measured interval should not
+    # be the one that fills caches and grows the queue to its working size
+    say "sustained load: warm-up ${SUSTAIN_WARMUP}s (not measured)"
+    run_pgbench "$WORK/logs/sustain-warmup.log" -T "$SUSTAIN_WARMUP" -f "$WORK/update.sql"
+    sizew=$(q "SELECT pg_total_relation_size('cachekit_queue')")
     sampler=$(helper_start queue_sampler "$WORK/logs/sampler.log" bash -c '
         while :; do
             '"$PG_BIN"'/psql -X -qAt -c "SELECT pg_total_relation_size('\''cachekit_queue'\''), (SELECT count(*) FROM cachekit_queue), to_char(clock_timestamp(), '\''HH24:MI:SS'\''), entries_delivered, failed_attempts, last_error FROM cachekit_worker_state()" >>"$0" 2>/dev/null
             sleep "$1"
-        done' "$WORK/queue_samples" "$(((SUSTAIN_PROGRESS + 5) / 6))")
+        done' "$samples" "$(((SUSTAIN_PROGRESS + 5) / 6))")
     say "sustained load: ${SUSTAIN_SECONDS}s, progress every ${SUSTAIN_PROGRESS}s"
     run_pgbench "$log" -T "$SUSTAIN_SECONDS" -P "$SUSTAIN_PROGRESS" -f "$WORK/update.sql"
     size1=$(q "SELECT pg_total_relation_size('cachekit_queue')")
@@ -848,10 +863,16 @@ sustain_part() {
     res_add sustain_last "$last"
     res_add sustain_tps "$(pgbench_tps "$log")"
     res_add sustain_size0 "$size0"
+    res_add sustain_sizew "$sizew"
     res_add sustain_size1 "$size1"
     res_add sustain_rows1 "$rows1"
-    res_add sustain_sizemax "$(cut -d'|' -f1 "$WORK/queue_samples" 2>/dev/null | sort -n | tail -n 1)"
-    res_add sustain_rowsmax "$(cut -d'|' -f2 "$WORK/queue_samples" 2>/dev/null | sort -n | tail -n 1)"
+    res_add sustain_sizemax "$(cut -d'|' -f1 "$samples" 2>/dev/null | sort -n | tail -n 1)"
+    res_add sustain_rowsmax "$(cut -d'|' -f2 "$samples" 2>/dev/null | sort -n | tail -n 1)"
+    # growth: the largest size seen in the second half of the run against
+    # the largest in the first half
+    n=$(wc -l <"$samples")
+    res_add sustain_max_half1 "$(head -n "$((n / 2))" "$samples" | cut -d'|' -f1 | sort -n | tail -n 1)"
+    res_add sustain_max_half2 "$(tail -n "$((n - n / 2))" "$samples" | cut -d'|' -f1 | sort -n | tail -n 1)"
     [[ $(q "SELECT cachekit_wait('10 minutes')") == t ]] || warn "queue not drained after the sustained run"
     set_trigger none
 }
@@ -953,9 +974,19 @@ report() {
         section "2. one UPDATE of all $BENCH_ROWS rows (ms, median of $BULK_RUNS)"
         base=$(res_median bulk.none)
         row "no trigger: UPDATE (ms)" "$(fmt 0 "$base")" "$( [[ -n $base ]] && echo 1.00 || echo n/a)" "" "" "runs $(res_list bulk.none)"
-        for v in ck_stmt ck_row; do
+        for v in noop_stmt ck_stmt ck_row; do
             local label target=
-            if [[ $v == ck_stmt ]]; then label="cachekit statement trigger: UPDATE (ms)"; target="<="; else label="cachekit row trigger: UPDATE (ms)"; fi
+            case $v in
+                noop_stmt) label="  ref: empty trigger, same transition tables (ms)" ;;
+                ck_stmt) label="cachekit statement trigger: UPDATE (ms)" target="<=" ;;
+                *) label="cachekit row trigger: UPDATE (ms)" ;;
+            esac
+            if [[ $v == noop_stmt ]]; then
+                r=$(ratio "$(res_median "bulk.$v")" "$base")
+                row "$label" "$(fmt 0 "$(res_median "bulk.$v")")" "$(fmt 2 "$r")" "" "" \
+                    "PostgreSQL's own capture of OLD and NEW TABLE; runs $(res_list "bulk.$v")"
+                continue
+            fi
             r=$(ratio "$(res_median "bulk.$v")" "$base")
             if [[ -z $(res_median "bulk.$v") ]]; then
                 row "$label" n/a n/a "${target:+<=1.30}" n/a "$(res_last "bulk_err.$v")"
@@ -998,13 +1029,17 @@ report() {
     fi
 
     if wants sustain; then
-        section "6. sustained load, trigger ${SUSTAIN_TRIGGER:-ck_row} (${SUSTAIN_SECONDS}s, pgbench -P $SUSTAIN_PROGRESS, first vs last interval)"
+        section "6. sustained load, trigger ${SUSTAIN_TRIGGER:-ck_row} (${SUSTAIN_SECONDS}s after ${SUSTAIN_WARMUP}s warm-up, pgbench -P $SUSTAIN_PROGRESS, first vs last interval)"
         v=$(res_last sustain_first)
         r=$(ratio "$(res_last sustain_last)" "$v")
         row "first interval (TPS)" "$(fmt 0 "$v")" "" "" "" "whole run $(fmt 0 "$(res_last sustain_tps)") TPS"
         row "last interval (TPS)" "$(fmt 0 "$(res_last sustain_last)")" "$(fmt 2 "$r")" "0.90-1.10" "$(verdict "$r" in 0.90 1.10)" ""
         row "cachekit_queue size start -> end (kB)" "$(fmt 0 "$(calc "$(res_last sustain_size0) / 1024" 2>/dev/null)") -> $(fmt 0 "$(calc "$(res_last sustain_size1) / 1024" 2>/dev/null)")" \
-            "" "" "" "largest seen $(fmt 0 "$(calc "$(res_last sustain_sizemax) / 1024" 2>/dev/null)") kB; rows at end $(res_last sustain_rows1), most seen $(res_last sustain_rowsmax)"
+            "" "" "" "after warm-up $(fmt 0 "$(calc "$(res_last sustain_sizew) / 1024" 2>/dev/null)") kB; largest seen $(fmt 0 "$(calc "$(res_last sustain_sizemax) / 1024" 2>/dev/null)") kB; rows at end $(res_last sustain_rows1), most seen $(res_last sustain_rowsmax)"
+        v=$(res_last sustain_max_half1)
+        r=$(ratio "$(res_last sustain_max_half2)" "$v")
+        row "queue size, largest 2nd half / 1st half" "$(fmt 2 "$r")" "" "<=1.10" "$(verdict "$r" "<=" 1.10)" \
+            "$(fmt 0 "$(calc "$v / 1024" 2>/dev/null)") kB -> $(fmt 0 "$(calc "$(res_last sustain_max_half2) / 1024" 2>/dev/null)") kB (table, toast and indexes)"
     fi
 }
 

@@ -93,7 +93,7 @@ DROP TABLE items, notes;
 DROP EXTENSION cachekit;
 
 -- statement-level triggers read the transition tables: one entry per
--- statement (per 1000 keys and tags), each key and tag once
+-- statement (or per page of keys and tags), each key and tag once
 CREATE EXTENSION cachekit;
 CREATE TABLE users (id int PRIMARY KEY, email text, team_id int);
 INSERT INTO users SELECT g, 'u' || g || '@x', g % 3 FROM generate_series(1, 10) g;
@@ -120,6 +120,7 @@ SELECT kind, (SELECT array_agg(x ORDER BY x) FROM unnest(keys) x) AS keys,
 FROM cachekit_queue ORDER BY id;
 TRUNCATE cachekit_queue;
 -- a large statement is split into entries of at most 1000 keys and tags
+-- that fit a heap page (about 7 kB of them)
 UPDATE users SET id = id + 0;
 INSERT INTO users SELECT g, NULL, g % 7 FROM generate_series(100, 2599) g;
 SELECT kind, cardinality(keys) AS keys, cardinality(tags) AS tags FROM cachekit_queue ORDER BY id;

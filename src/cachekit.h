@@ -98,8 +98,16 @@ typedef struct CkTemplatePart
 	char	   *literal;		/* literal text, or NULL for a column */
 	char	   *column;			/* column name, for a column part */
 	AttrNumber	attnum;			/* resolved against the table */
+	char		format;			/* how to print it: CK_FORMAT_* */
 	FmgrInfo	outfunc;		/* the column type's output function */
 } CkTemplatePart;
+
+/* how a column part is printed: by its output function, or directly */
+#define CK_FORMAT_OUTFUNC	'o'
+#define CK_FORMAT_INT2		'2'
+#define CK_FORMAT_INT4		'4'
+#define CK_FORMAT_INT8		'8'
+#define CK_FORMAT_TEXT		't'
 
 typedef struct CkTemplate
 {

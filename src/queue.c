@@ -118,11 +118,25 @@ ck_text_array(List *items)
 {
 	int			n = list_length(items);
 	Datum	   *elems = palloc(sizeof(Datum) * (n > 0 ? n : 1));
+	Size		total = 0;
+	char	   *space;
 	ListCell   *lc;
 	int			i = 0;
 
+	/* the texts side by side in one allocation: one palloc, not one per item */
 	foreach(lc, items)
-		elems[i++] = CStringGetTextDatum((char *) lfirst(lc));
+		total += INTALIGN(VARHDRSZ + strlen((char *) lfirst(lc)));
+	space = palloc(total > 0 ? total : 1);
+	foreach(lc, items)
+	{
+		const char *s = lfirst(lc);
+		int			len = strlen(s);
+
+		SET_VARSIZE(space, VARHDRSZ + len);
+		memcpy(VARDATA(space), s, len);
+		elems[i++] = PointerGetDatum(space);
+		space += INTALIGN(VARHDRSZ + len);
+	}
 	return PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false, TYPALIGN_INT));
 }
 

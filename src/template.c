@@ -13,6 +13,8 @@
 #include "cachekit.h"
 
 #include "access/htup_details.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 
 /* Append one part to the template being built. */
@@ -99,6 +101,69 @@ ck_template_parse(const char *source, CkTemplate *tpl)
 }
 
 /*
+ * The common column types print the same as their output function would
+ * without a function call and a palloc per row: integers through
+ * pg_ltoa/pg_lltoa (what int2out, int4out and int8out use), and text,
+ * varchar and char as their bytes (what textout, varcharout and bpcharout
+ * return). Domains over them have the same output function, so the same
+ * format.
+ */
+static char
+ck_format_for(Oid outfunc)
+{
+	switch (outfunc)
+	{
+		case F_INT2OUT:
+			return CK_FORMAT_INT2;
+		case F_INT4OUT:
+			return CK_FORMAT_INT4;
+		case F_INT8OUT:
+			return CK_FORMAT_INT8;
+		case F_TEXTOUT:
+		case F_VARCHAROUT:
+		case F_BPCHAROUT:
+			return CK_FORMAT_TEXT;
+		default:
+			return CK_FORMAT_OUTFUNC;
+	}
+}
+
+/* Append one non-NULL column value, printed as its type prints it. */
+static void
+ck_append_value(CkTemplatePart *part, Datum value, StringInfo out)
+{
+	char	   *printed;
+
+	switch (part->format)
+	{
+		case CK_FORMAT_INT2:
+		case CK_FORMAT_INT4:
+			enlargeStringInfo(out, 12);
+			out->len += pg_ltoa(part->format == CK_FORMAT_INT2 ?
+								(int32) DatumGetInt16(value) : DatumGetInt32(value),
+								out->data + out->len);
+			return;
+		case CK_FORMAT_INT8:
+			enlargeStringInfo(out, MAXINT8LEN + 1);
+			out->len += pg_lltoa(DatumGetInt64(value), out->data + out->len);
+			return;
+		case CK_FORMAT_TEXT:
+			{
+				text	   *t = DatumGetTextPP(value);
+
+				appendBinaryStringInfo(out, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+				if ((Pointer) t != DatumGetPointer(value))
+					pfree(t);
+				return;
+			}
+		default:
+			printed = OutputFunctionCall(&part->outfunc, value);
+			appendStringInfoString(out, printed);
+			pfree(printed);
+	}
+}
+
+/*
  * Resolve the template's columns against a table's row type.
  * Returns NULL on success, or a message naming the unknown column.
  */
@@ -130,6 +195,7 @@ ck_template_bind(CkTemplate *tpl, TupleDesc tupdesc)
 		getTypeOutputInfo(TupleDescAttr(tupdesc, attnum - 1)->atttypid,
 						  &outfunc, &varlena);
 		fmgr_info_cxt(outfunc, &part->outfunc, CurrentMemoryContext);
+		part->format = ck_format_for(outfunc);
 	}
 	return NULL;
 }
@@ -147,7 +213,6 @@ ck_template_render(CkTemplate *tpl, TupleTableSlot *slot, StringInfo out)
 		CkTemplatePart *part = &tpl->parts[i];
 		Datum		value;
 		bool		isnull;
-		char	   *text;
 
 		if (part->column == NULL)
 		{
@@ -157,9 +222,7 @@ ck_template_render(CkTemplate *tpl, TupleTableSlot *slot, StringInfo out)
 		value = slot_getattr(slot, part->attnum, &isnull);
 		if (isnull)
 			return false;
-		text = OutputFunctionCall(&part->outfunc, value);
-		appendStringInfoString(out, text);
-		pfree(text);
+		ck_append_value(part, value, out);
 	}
 	return true;
 }

@@ -14,6 +14,7 @@
 #include "cachekit.h"
 
 #include "access/htup_details.h"
+#include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "common/hashfn.h"
@@ -26,6 +27,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/syscache.h"
 #include "utils/tuplestore.h"
 #include "executor/tuptable.h"
 
@@ -398,22 +400,71 @@ ck_event_slots(TriggerData *td, TupleTableSlot **oldslot, TupleTableSlot **newsl
  * on a power-of-two table, so that the 100,000 identical tags of a bulk
  * UPDATE cost one hash probe each and are stored once.
  */
+typedef struct CkSetSlot
+{
+	char	   *str;			/* NULL when empty */
+	uint32		hash;
+} CkSetSlot;
+
 typedef struct CkStringSet
 {
-	char	  **slots;			/* NULL when empty */
-	uint32	   *hashes;
+	CkSetSlot  *slots;			/* string and hash side by side */
 	uint32		mask;
 	int			n;
+	bool		distinct;		/* the caller knows its strings are distinct:
+								 * slots is a plain array of n, no hashing */
+	char	   *arena;			/* where the next string is copied */
+	Size		arena_left;
 } CkStringSet;
 
-/* An empty set. */
+/* strings are copied into blocks of this size, not palloc'd one by one */
+#define CK_SET_ARENA_BLOCK 65536
+
+/*
+ * An empty set with room for about "expected" strings before it grows;
+ * "distinct" when every string added is known to differ from the others.
+ */
 static void
-ck_set_init(CkStringSet *set)
+ck_set_init(CkStringSet *set, int64 expected, bool distinct)
 {
-	set->mask = 1023;
+	set->distinct = distinct;
 	set->n = 0;
-	set->slots = palloc0(sizeof(char *) * (set->mask + 1));
-	set->hashes = palloc(sizeof(uint32) * (set->mask + 1));
+	set->arena = NULL;
+	set->arena_left = 0;
+	set->mask = 1023;
+	if (distinct)
+	{
+		/* a plain array: room for the expected strings, no spare slots */
+		while ((int64) set->mask + 1 < expected && set->mask < (1U << 22) - 1)
+			set->mask = set->mask * 2 + 1;
+		set->slots = palloc_extended(sizeof(CkSetSlot) * (set->mask + 1), MCXT_ALLOC_HUGE);
+		return;
+	}
+	/* a hash table at most half full */
+	while ((int64) set->mask + 1 < expected * 2 && set->mask < (1U << 22) - 1)
+		set->mask = set->mask * 2 + 1;
+	set->slots = palloc_extended(sizeof(CkSetSlot) * (set->mask + 1), MCXT_ALLOC_HUGE | MCXT_ALLOC_ZERO);
+}
+
+/* A copy of str[0..len), NUL-terminated, in the set's arena. */
+static char *
+ck_set_copy(CkStringSet *set, const char *str, int len)
+{
+	char	   *copy;
+
+	if ((Size) len + 1 > set->arena_left)
+	{
+		if ((Size) len + 1 > CK_SET_ARENA_BLOCK / 4)
+			return pnstrdup(str, len);
+		set->arena = palloc(CK_SET_ARENA_BLOCK);
+		set->arena_left = CK_SET_ARENA_BLOCK;
+	}
+	copy = set->arena;
+	memcpy(copy, str, len);
+	copy[len] = '\0';
+	set->arena += len + 1;
+	set->arena_left -= len + 1;
+	return copy;
 }
 
 /* Put a string in its slot (no growth, no duplicate check). */
@@ -422,39 +473,49 @@ ck_set_place(CkStringSet *set, char *str, uint32 hash)
 {
 	uint32		i = hash & set->mask;
 
-	while (set->slots[i] != NULL)
+	while (set->slots[i].str != NULL)
 		i = (i + 1) & set->mask;
-	set->slots[i] = str;
-	set->hashes[i] = hash;
+	set->slots[i].str = str;
+	set->slots[i].hash = hash;
 }
 
 /* Add a copy of str[0..len) unless the set has it. */
 static void
 ck_set_add(CkStringSet *set, const char *str, int len)
 {
-	uint32		hash = hash_bytes((const unsigned char *) str, len);
-	uint32		i = hash & set->mask;
+	uint32		hash;
+	uint32		i;
 
-	for (; set->slots[i] != NULL; i = (i + 1) & set->mask)
-		if (set->hashes[i] == hash && strcmp(set->slots[i], str) == 0)
+	if (set->distinct)
+	{
+		if ((uint32) set->n > set->mask)
+		{
+			set->mask = set->mask * 2 + 1;
+			set->slots = repalloc_huge(set->slots, sizeof(CkSetSlot) * (set->mask + 1));
+		}
+		set->slots[set->n++].str = ck_set_copy(set, str, len);
+		return;
+	}
+	hash = hash_bytes((const unsigned char *) str, len);
+	i = hash & set->mask;
+
+	for (; set->slots[i].str != NULL; i = (i + 1) & set->mask)
+		if (set->slots[i].hash == hash && strcmp(set->slots[i].str, str) == 0)
 			return;
 
 	if ((uint32) (set->n + 1) * 2 > set->mask + 1)
 	{
-		char	  **old_slots = set->slots;
-		uint32	   *old_hashes = set->hashes;
+		CkSetSlot  *old_slots = set->slots;
 		uint32		old_size = set->mask + 1;
 
 		set->mask = set->mask * 2 + 1;
-		set->slots = palloc0(sizeof(char *) * (set->mask + 1));
-		set->hashes = palloc(sizeof(uint32) * (set->mask + 1));
+		set->slots = palloc_extended(sizeof(CkSetSlot) * (set->mask + 1), MCXT_ALLOC_HUGE | MCXT_ALLOC_ZERO);
 		for (uint32 k = 0; k < old_size; k++)
-			if (old_slots[k] != NULL)
-				ck_set_place(set, old_slots[k], old_hashes[k]);
+			if (old_slots[k].str != NULL)
+				ck_set_place(set, old_slots[k].str, old_slots[k].hash);
 		pfree(old_slots);
-		pfree(old_hashes);
 	}
-	ck_set_place(set, pnstrdup(str, len), hash);
+	ck_set_place(set, ck_set_copy(set, str, len), hash);
 	set->n++;
 }
 
@@ -490,14 +551,76 @@ ck_template_same(CkTemplate *tpl, TupleTableSlot *a, TupleTableSlot *b)
 	return true;
 }
 
-/* Render every template for one row version into a set. */
+/*
+ * What a statement's rows already rendered, for a template whose one
+ * placeholder is a pass-by-value column (an integer id, a team number):
+ * a small direct-mapped table of the values seen. A value found there
+ * renders a string the set already holds, so it is skipped without
+ * printing or hashing a string; the 100,000 rows of a bulk UPDATE that
+ * share 100 tag values then cost one lookup each. A miss only costs the
+ * lookup.
+ */
+#define CK_SEEN_SLOTS 1024
+
+typedef struct CkSeen
+{
+	AttrNumber	attnum;			/* the column, or 0 when not usable */
+	bool		used[CK_SEEN_SLOTS];
+	Datum		values[CK_SEEN_SLOTS];
+} CkSeen;
+
+/* Seen-value tables for n templates (unused for those that do not qualify). */
+static CkSeen *
+ck_seen_init(CkTemplate *tpls, int n, TupleDesc tupdesc)
+{
+	CkSeen	   *seen = palloc0(sizeof(CkSeen) * (n > 0 ? n : 1));
+
+	for (int i = 0; i < n; i++)
+	{
+		CkTemplatePart *column = NULL;
+		int			ncolumns = 0;
+
+		for (int p = 0; p < tpls[i].nparts; p++)
+			if (tpls[i].parts[p].column != NULL)
+			{
+				column = &tpls[i].parts[p];
+				ncolumns++;
+			}
+		if (ncolumns == 1 && TupleDescAttr(tupdesc, column->attnum - 1)->attbyval)
+			seen[i].attnum = column->attnum;
+	}
+	return seen;
+}
+
+/*
+ * Render templates for one row version into a set, skipping those whose
+ * value was seen before in this statement: the same datum of a
+ * pass-by-value column prints the same string.
+ */
 static void
-ck_render_row(TupleTableSlot *slot, CkTemplate *tpls, int ntpls, CkStringSet *out,
-			  StringInfo buf)
+ck_render_row(TupleTableSlot *slot, CkTemplate *tpls, CkSeen *seen, int ntpls,
+			  CkStringSet *out, StringInfo buf)
 {
 	for (int i = 0; i < ntpls; i++)
+	{
+		if (seen[i].attnum != InvalidAttrNumber)
+		{
+			bool		isnull;
+			Datum		value = slot_getattr(slot, seen[i].attnum, &isnull);
+			uint32		slotno;
+
+			if (isnull)
+				continue;		/* a NULL column: no key for this row */
+			slotno = murmurhash32((uint32) value ^ (uint32) ((uint64) value >> 32)) &
+				(CK_SEEN_SLOTS - 1);
+			if (seen[i].used[slotno] && seen[i].values[slotno] == value)
+				continue;
+			seen[i].used[slotno] = true;
+			seen[i].values[slotno] = value;
+		}
 		if (ck_template_render(&tpls[i], slot, buf))
 			ck_set_add(out, buf->data, buf->len);
+	}
 }
 
 /*
@@ -514,6 +637,8 @@ ck_render_tables(Tuplestorestate *oldtable, Tuplestorestate *newtable, TupleDesc
 {
 	TupleTableSlot *oldslot = MakeSingleTupleTableSlot(tupdesc, &TTSOpsMinimalTuple);
 	TupleTableSlot *newslot = MakeSingleTupleTableSlot(tupdesc, &TTSOpsMinimalTuple);
+	CkSeen	   *seen_keys = ck_seen_init(cfg->keys, cfg->nkeys, tupdesc);
+	CkSeen	   *seen_tags = ck_seen_init(cfg->tags, cfg->ntags, tupdesc);
 
 	if (oldtable)
 		tuplestore_rescan(oldtable);
@@ -528,20 +653,105 @@ ck_render_tables(Tuplestorestate *oldtable, Tuplestorestate *newtable, TupleDesc
 			break;
 		if (has_old)
 		{
-			ck_render_row(oldslot, cfg->keys, cfg->nkeys, keys, buf);
-			ck_render_row(oldslot, cfg->tags, cfg->ntags, tags, buf);
+			ck_render_row(oldslot, cfg->keys, seen_keys, cfg->nkeys, keys, buf);
+			ck_render_row(oldslot, cfg->tags, seen_tags, cfg->ntags, tags, buf);
 		}
 		if (!has_new)
 			continue;
 		for (int i = 0; i < cfg->nkeys; i++)
 			if (!has_old || !ck_template_same(&cfg->keys[i], oldslot, newslot))
-				ck_render_row(newslot, &cfg->keys[i], 1, keys, buf);
+				ck_render_row(newslot, &cfg->keys[i], &seen_keys[i], 1, keys, buf);
 		for (int i = 0; i < cfg->ntags; i++)
 			if (!has_old || !ck_template_same(&cfg->tags[i], oldslot, newslot))
-				ck_render_row(newslot, &cfg->tags[i], 1, tags, buf);
+				ck_render_row(newslot, &cfg->tags[i], &seen_tags[i], 1, tags, buf);
 	}
 	ExecDropSingleTupleTableSlot(oldslot);
 	ExecDropSingleTupleTableSlot(newslot);
+	pfree(seen_keys);
+	pfree(seen_tags);
+}
+
+/*
+ * Can an UPDATE's new rows be left unread? Only when they render exactly
+ * what the old rows do: no column any template uses was assigned by the
+ * statement (tg_updatedcols, which includes generated columns computed
+ * from assigned ones), and nothing else can change a new row behind the
+ * statement's back: no BEFORE ROW UPDATE trigger on the table, and no
+ * partitions or inheritance children, whose own triggers would not show
+ * here.
+ */
+static bool
+ck_new_rows_same(TriggerData *td, CkTriggerConfig *cfg)
+{
+	Relation	rel = td->tg_relation;
+
+	if (!TRIGGER_FIRED_BY_UPDATE(td->tg_event) || td->tg_updatedcols == NULL)
+		return false;
+	if (rel->rd_rel->relhassubclass || rel->rd_rel->relkind != RELKIND_RELATION)
+		return false;
+	if (rel->trigdesc != NULL && rel->trigdesc->trig_update_before_row)
+		return false;
+	for (int t = 0; t < cfg->nkeys + cfg->ntags; t++)
+	{
+		CkTemplate *tpl = t < cfg->nkeys ? &cfg->keys[t] : &cfg->tags[t - cfg->nkeys];
+
+		for (int i = 0; i < tpl->nparts; i++)
+			if (tpl->parts[i].column != NULL &&
+				bms_is_member(tpl->parts[i].attnum - FirstLowInvalidHeapAttributeNumber,
+							  td->tg_updatedcols))
+				return false;
+	}
+	return true;
+}
+
+/*
+ * Does the one key template render a different string for every row of
+ * one transition table? It does when its only placeholder is a column of
+ * an integer or text type under a valid, immediately checked unique index
+ * on that column alone (a primary key, typically): the rows of one table
+ * hold distinct values there (or NULL, which renders no key), and those
+ * types print distinct values differently. The statement's keys then need
+ * no duplicate check.
+ */
+static bool
+ck_keys_distinct(Relation rel, CkTriggerConfig *cfg)
+{
+	CkTemplatePart *column = NULL;
+	List	   *indexes;
+	ListCell   *lc;
+	bool		found = false;
+
+	if (cfg->nkeys != 1)
+		return false;
+	for (int i = 0; i < cfg->keys[0].nparts; i++)
+		if (cfg->keys[0].parts[i].column != NULL)
+		{
+			if (column != NULL)
+				return false;
+			column = &cfg->keys[0].parts[i];
+		}
+	if (column == NULL || column->format == CK_FORMAT_OUTFUNC)
+		return false;
+
+	indexes = RelationGetIndexList(rel);
+	foreach(lc, indexes)
+	{
+		HeapTuple	tuple = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(lfirst_oid(lc)));
+		Form_pg_index index;
+
+		if (!HeapTupleIsValid(tuple))
+			continue;
+		index = (Form_pg_index) GETSTRUCT(tuple);
+		found = index->indisunique && index->indimmediate && index->indisvalid &&
+			index->indnkeyatts == 1 && index->indkey.values[0] == column->attnum &&
+			heap_attisnull(tuple, Anum_pg_index_indexprs, NULL) &&
+			heap_attisnull(tuple, Anum_pg_index_indpred, NULL);
+		ReleaseSysCache(tuple);
+		if (found)
+			break;
+	}
+	list_free(indexes);
+	return found;
 }
 
 /* Move the strings of a set into a List, in no particular order. */
@@ -550,14 +760,26 @@ ck_set_list(CkStringSet *set)
 {
 	List	   *list = NIL;
 
+	if (set->distinct)
+	{
+		for (int i = 0; i < set->n; i++)
+			list = lappend(list, set->slots[i].str);
+		return list;
+	}
 	for (uint32 i = 0; i <= set->mask; i++)
-		if (set->slots[i] != NULL)
-			list = lappend(list, set->slots[i]);
+		if (set->slots[i].str != NULL)
+			list = lappend(list, set->slots[i].str);
 	return list;
 }
 
-/* keys plus tags in one queue entry of a statement-level trigger */
+/*
+ * A statement-level trigger's queue entries: at most this many keys plus
+ * tags, and at most this many bytes of them as array elements, so that an
+ * entry fits in one heap page (the queue's toast_tuple_target) rather than
+ * going out of line to the toast table.
+ */
 #define CK_STATEMENT_CHUNK 1000
+#define CK_STATEMENT_CHUNK_BYTES 7168
 
 /*
  * Statement-level invalidation from the transition tables: every key and
@@ -576,6 +798,8 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 	List	   *taglist;
 	ListCell   *k;
 	ListCell   *t;
+	MemoryContext chunk_cxt;
+	MemoryContext old_cxt;
 
 	if ((need_old && td->tg_oldtable == NULL) || (need_new && td->tg_newtable == NULL))
 		ereport(ERROR,
@@ -586,14 +810,22 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 						 need_old && need_new ? "OLD TABLE AS old_rows NEW TABLE AS new_rows" :
 						 need_old ? "OLD TABLE AS old_rows" : "NEW TABLE AS new_rows")));
 
-	ck_set_init(&keys);
-	ck_set_init(&tags);
+	if (need_old && need_new && ck_new_rows_same(td, cfg))
+		need_new = false;
+	/* a bulk UPDATE's keys are mostly distinct: one per row and template */
+	ck_set_init(&keys, cfg->nkeys * tuplestore_tuple_count(need_old ? td->tg_oldtable : td->tg_newtable),
+				!(need_old && need_new) && ck_keys_distinct(td->tg_relation, cfg));
+	ck_set_init(&tags, 0, false);
 	initStringInfo(&buf);
 	ck_render_tables(need_old ? td->tg_oldtable : NULL, need_new ? td->tg_newtable : NULL,
 					 tupdesc, cfg, &keys, &tags, &buf);
 	keylist = ck_set_list(&keys);
 	taglist = ck_set_list(&tags);
 
+	/* each entry is built in memory used again for the next one */
+	chunk_cxt = AllocSetContextCreate(CurrentMemoryContext, "cachekit statement entry",
+									  ALLOCSET_DEFAULT_SIZES);
+	old_cxt = MemoryContextSwitchTo(chunk_cxt);
 	k = list_head(keylist);
 	t = list_head(taglist);
 	while (k != NULL || t != NULL)
@@ -601,15 +833,28 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 		List	   *chunk_keys = NIL;
 		List	   *chunk_tags = NIL;
 		int			room = CK_STATEMENT_CHUNK;
+		Size		bytes = 0;
 
+		/* always at least one string, however long */
 		for (; k != NULL && room > 0; k = lnext(keylist, k), room--)
+		{
+			bytes += INTALIGN(VARHDRSZ + strlen(lfirst(k)));
+			if (bytes > CK_STATEMENT_CHUNK_BYTES && chunk_keys != NIL)
+				break;
 			chunk_keys = lappend(chunk_keys, lfirst(k));
+		}
 		for (; t != NULL && room > 0; t = lnext(taglist, t), room--)
+		{
+			bytes += INTALIGN(VARHDRSZ + strlen(lfirst(t)));
+			if (bytes > CK_STATEMENT_CHUNK_BYTES && (chunk_keys != NIL || chunk_tags != NIL))
+				break;
 			chunk_tags = lappend(chunk_tags, lfirst(t));
+		}
 		ck_enqueue(nspid, CK_KIND_INVALIDATE, chunk_keys, chunk_tags, NIL, NULL, 0);
-		list_free(chunk_keys);
-		list_free(chunk_tags);
+		MemoryContextReset(chunk_cxt);
 	}
+	MemoryContextSwitchTo(old_cxt);
+	MemoryContextDelete(chunk_cxt);
 }
 
 /*

@@ -76,8 +76,8 @@ static int	last_pass_entries = 0;	/* entries the last pass read */
  * second, autovacuum's one-minute nap lets the queue swell by millions of
  * dead rows between its visits.
  */
-#define CK_VACUUM_ENTRIES 200000
-#define CK_VACUUM_MIN_MS 5000
+#define CK_VACUUM_ENTRIES 100000
+#define CK_VACUUM_MIN_MS 2000
 static int64 deleted_since_vacuum = 0;
 static TimestampTz last_vacuum = 0;
 
