@@ -31,7 +31,10 @@
 #                     gives the worker plans made for a long queue)
 #   IDLE_SECONDS      idle window [10 / 3]
 #   SUSTAIN_SECONDS   sustained-load run [300 / 12]
-#   SUSTAIN_PROGRESS  pgbench -P interval of it [60 / 3]
+#   SUSTAIN_PROGRESS  pgbench -P interval of it [10 / 1]
+#   SUSTAIN_WINDOW    first and last window compared, seconds [60 / 4]
+#   SUSTAIN_REFERENCE=1  also run it without trigger, for the machine's own
+#                     drift [1 / 0]
 #   SUSTAIN_WARMUP    same load before it, not measured [60 / 3]
 #   SUSTAIN_TRIGGER   trigger of it: ck_row, write_through, none, ... [ck_row]
 #   BENCH_ONLY        subset of: tps bulk latency drain idle sustain [all]
@@ -58,9 +61,9 @@ unset PGHOST PGPORT PGDATABASE PGUSER PGPASSWORD PGSERVICE PGOPTIONS PGDATA PGHO
 # ---- settings -------------------------------------------------------------------
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
-    d_secs=3 d_warm=1 d_bulk=1 d_lat=200 d_drain=100000 d_drain_rounds=1 d_idle=3 d_sus=12 d_prog=3 d_sus_warm=3
+    d_secs=3 d_warm=1 d_bulk=1 d_lat=200 d_drain=100000 d_drain_rounds=1 d_idle=3 d_sus=12 d_prog=1 d_sus_warm=3 d_sus_win=4 d_sus_ref=0
 else
-    d_secs=20 d_warm=10 d_bulk=3 d_lat=1000 d_drain=1000000 d_drain_rounds=2 d_idle=10 d_sus=300 d_prog=60 d_sus_warm=60
+    d_secs=20 d_warm=10 d_bulk=3 d_lat=1000 d_drain=1000000 d_drain_rounds=2 d_idle=10 d_sus=300 d_prog=10 d_sus_warm=60 d_sus_win=60 d_sus_ref=1
 fi
 BENCH_SECONDS=${BENCH_SECONDS:-$d_secs}
 WARMUP_SECONDS=${WARMUP_SECONDS:-$d_warm}
@@ -78,6 +81,8 @@ IDLE_SECONDS=${IDLE_SECONDS:-$d_idle}
 SUSTAIN_SECONDS=${SUSTAIN_SECONDS:-$d_sus}
 SUSTAIN_PROGRESS=${SUSTAIN_PROGRESS:-$d_prog}
 SUSTAIN_WARMUP=${SUSTAIN_WARMUP:-$d_sus_warm}
+SUSTAIN_WINDOW=${SUSTAIN_WINDOW:-$d_sus_win}
+SUSTAIN_REFERENCE=${SUSTAIN_REFERENCE:-$d_sus_ref}
 BENCH_ONLY=${BENCH_ONLY:-tps bulk latency drain idle sustain}
 BENCH_BUILD_DIR=${BENCH_BUILD_DIR:-/tmp/cachekit-bench-build}
 
@@ -100,7 +105,7 @@ die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
 wants() { [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 
 for v in BENCH_SECONDS WARMUP_SECONDS BENCH_ROUNDS BENCH_CLIENTS BENCH_ROWS BULK_RUNS LAT_SAMPLES LAT_RATE \
-         DRAIN_ENTRIES DRAIN_ROUNDS IDLE_SECONDS SUSTAIN_SECONDS SUSTAIN_PROGRESS; do
+         DRAIN_ENTRIES DRAIN_ROUNDS IDLE_SECONDS SUSTAIN_SECONDS SUSTAIN_PROGRESS SUSTAIN_WARMUP SUSTAIN_WINDOW; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive whole number (got '${!v}')"
 done
 ((BENCH_ROWS > 1000)) || die "BENCH_ROWS must be above 1000 (the latency test uses the last 1000 ids)"
@@ -836,6 +841,33 @@ idle_part() {
 }
 
 # ---- 6: sustained load --------------------------------------------------------------
+# mean TPS of pgbench's -P intervals in the first and in the last
+# SUSTAIN_WINDOW seconds of a run (pgbench may or may not print the interval
+# that ends with the run)
+window_means() {    # pgbench-log -> "first last"
+    awk -v w="$SUSTAIN_WINDOW" '/^progress:/ { t[++n] = $2; v[n] = $4 }
+        END {
+            for (i = 1; i <= n; i++) {
+                if (t[i] <= w + 0.5) { f += v[i]; fn++ }
+                if (t[i] > t[n] - w + 0.5) { l += v[i]; ln++ }
+            }
+            if (fn && ln) printf "%.1f %.1f\n", f / fn, l / ln
+        }' "$1"
+}
+
+# the same sustained run without any trigger: how much the machine alone
+# moves between the first and the last minute
+sustain_reference() {
+    local log=$WORK/logs/sustain-reference.log first last
+    prepare_run
+    say "sustained load without trigger (reference): warm-up ${SUSTAIN_WARMUP}s, then ${SUSTAIN_SECONDS}s"
+    run_pgbench "$WORK/logs/sustain-reference-warmup.log" -T "$SUSTAIN_WARMUP" -f "$WORK/update.sql"
+    run_pgbench "$log" -T "$SUSTAIN_SECONDS" -P "$SUSTAIN_PROGRESS" -f "$WORK/update.sql"
+    read -r first last < <(window_means "$log")
+    res_add sustain_ref_first "$first"
+    res_add sustain_ref_last "$last"
+}
+
 sustain_part() {
     local log=$WORK/logs/sustain.log samples=$WORK/queue_samples sampler size0 sizew size1 rows1 first last n
     prepare_run
@@ -850,15 +882,14 @@ sustain_part() {
         while :; do
             '"$PG_BIN"'/psql -X -qAt -c "SELECT pg_total_relation_size('\''cachekit_queue'\''), (SELECT count(*) FROM cachekit_queue), to_char(clock_timestamp(), '\''HH24:MI:SS'\''), entries_delivered, failed_attempts, last_error FROM cachekit_worker_state()" >>"$0" 2>/dev/null
             sleep "$1"
-        done' "$samples" "$(((SUSTAIN_PROGRESS + 5) / 6))")
+        done' "$samples" "$(((SUSTAIN_WINDOW + 5) / 6))")
     say "sustained load: ${SUSTAIN_SECONDS}s, progress every ${SUSTAIN_PROGRESS}s"
     run_pgbench "$log" -T "$SUSTAIN_SECONDS" -P "$SUSTAIN_PROGRESS" -f "$WORK/update.sql"
     size1=$(q "SELECT pg_total_relation_size('cachekit_queue')")
     rows1=$(q "SELECT count(*) FROM cachekit_queue")
     helper_stop "$sampler"
     grep '^progress:' "$log" | sed 's/^/    /' >&2 || true
-    first=$(awk '/^progress:/ { print $4; exit }' "$log")
-    last=$(awk '/^progress:/ { v = $4 } END { print v }' "$log")
+    read -r first last < <(window_means "$log")
     res_add sustain_first "$first"
     res_add sustain_last "$last"
     res_add sustain_tps "$(pgbench_tps "$log")"
@@ -900,7 +931,7 @@ part_bulk() { set -e; bulk_part; }
 part_latency() { set -e; latency_part; }
 part_drain() { set -e; drain_part; }
 part_idle() { set -e; idle_part; }
-part_sustain() { set -e; sustain_part; }
+part_sustain() { set -e; sustain_part; if ((SUSTAIN_REFERENCE)); then sustain_reference; fi; }
 
 : >"$WORK/results"
 for part in tps bulk latency drain idle sustain; do run_part "$part"; done
@@ -1029,11 +1060,16 @@ report() {
     fi
 
     if wants sustain; then
-        section "6. sustained load, trigger ${SUSTAIN_TRIGGER:-ck_row} (${SUSTAIN_SECONDS}s after ${SUSTAIN_WARMUP}s warm-up, pgbench -P $SUSTAIN_PROGRESS, first vs last interval)"
+        section "6. sustained load, trigger ${SUSTAIN_TRIGGER:-ck_row} (${SUSTAIN_SECONDS}s after ${SUSTAIN_WARMUP}s warm-up; first vs last ${SUSTAIN_WINDOW}s, pgbench -P $SUSTAIN_PROGRESS)"
         v=$(res_last sustain_first)
         r=$(ratio "$(res_last sustain_last)" "$v")
-        row "first interval (TPS)" "$(fmt 0 "$v")" "" "" "" "whole run $(fmt 0 "$(res_last sustain_tps)") TPS"
-        row "last interval (TPS)" "$(fmt 0 "$(res_last sustain_last)")" "$(fmt 2 "$r")" "0.90-1.10" "$(verdict "$r" in 0.90 1.10)" ""
+        row "first ${SUSTAIN_WINDOW}s (TPS)" "$(fmt 0 "$v")" "" "" "" "whole run $(fmt 0 "$(res_last sustain_tps)") TPS"
+        row "last ${SUSTAIN_WINDOW}s (TPS)" "$(fmt 0 "$(res_last sustain_last)")" "$(fmt 2 "$r")" "0.90-1.10" "$(verdict "$r" in 0.90 1.10)" ""
+        if [[ -n $(res_last sustain_ref_first) ]]; then
+            row "  ref: no trigger, last / first ${SUSTAIN_WINDOW}s" "$(fmt 0 "$(res_last sustain_ref_last)")" \
+                "$(fmt 2 "$(ratio "$(res_last sustain_ref_last)" "$(res_last sustain_ref_first)")")" "" "" \
+                "the same run without trigger, after it: first ${SUSTAIN_WINDOW}s $(fmt 0 "$(res_last sustain_ref_first)") TPS (how much this machine moves on its own)"
+        fi
         row "cachekit_queue size start -> end (kB)" "$(fmt 0 "$(calc "$(res_last sustain_size0) / 1024" 2>/dev/null)") -> $(fmt 0 "$(calc "$(res_last sustain_size1) / 1024" 2>/dev/null)")" \
             "" "" "" "after warm-up $(fmt 0 "$(calc "$(res_last sustain_sizew) / 1024" 2>/dev/null)") kB; largest seen $(fmt 0 "$(calc "$(res_last sustain_sizemax) / 1024" 2>/dev/null)") kB; rows at end $(res_last sustain_rows1), most seen $(res_last sustain_rowsmax)"
         v=$(res_last sustain_max_half1)
