@@ -23,11 +23,13 @@ CREATE TABLE cachekit_queue (
 	enqueued_at timestamptz NOT NULL DEFAULT now()
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
 		autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000,
-		toast_tuple_target = 8160);
+		toast_tuple_target = 8160, vacuum_truncate = false, toast.vacuum_truncate = false);
 -- Entries live for milliseconds: compressing a statement's keys would cost
 -- the writer more than it saves. Entries up to a page stay in the heap
 -- (statement-level triggers size theirs to fit) instead of going through
--- the toast table and its index.
+-- the toast table and its index. Vacuum leaves emptied pages in place:
+-- truncating the table takes a lock that every writer of a watched table
+-- would wait for. The worker gives them back when it goes idle.
 ALTER TABLE cachekit_queue
 	ALTER COLUMN keys SET STORAGE EXTERNAL,
 	ALTER COLUMN tags SET STORAGE EXTERNAL,

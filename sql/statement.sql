@@ -154,7 +154,7 @@ FROM cachekit_queue WHERE coalesce(keys[1], '') NOT LIKE 'wide:-%';
 SELECT cardinality(keys) AS keys, cardinality(tags) AS tags, length(keys[1]) AS key_length
 FROM cachekit_queue WHERE keys[1] LIKE 'wide:-%' ORDER BY keys[1];
 SELECT option FROM pg_class, unnest(reloptions) option
-WHERE relname = 'cachekit_queue' AND option ~ '^toast_tuple_target' ORDER BY 1;
+WHERE relname = 'cachekit_queue' AND option ~ '^(toast_tuple_target|vacuum_truncate)' ORDER BY 1;
 TRUNCATE cachekit_queue;
 
 DROP TABLE typed, many, users, gen, parts, base, child, dd, pk, wide;

@@ -74,11 +74,16 @@ static int	last_pass_entries = 0;	/* entries the last pass read */
  * The worker vacuums its queue itself once it has deleted this many entries
  * (and at most every CK_VACUUM_MIN_MS): at tens of thousands of entries a
  * second, autovacuum's one-minute nap lets the queue swell by millions of
- * dead rows between its visits.
+ * dead rows between its visits. These vacuums leave emptied pages in place
+ * for the next entries: giving them back to the file system takes a lock
+ * that every writer of a watched table would queue behind. Once the worker
+ * has been idle for CK_IDLE_TIMEOUT_MS after that many deletions (a backlog
+ * drained, a busy hour over), one more vacuum gives them back.
  */
 #define CK_VACUUM_ENTRIES 100000
 #define CK_VACUUM_MIN_MS 2000
 static int64 deleted_since_vacuum = 0;
+static int64 deleted_since_shrink = 0;
 static TimestampTz last_vacuum = 0;
 
 static char *current_host = NULL;	/* for messages, without the password */
@@ -597,6 +602,7 @@ ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 	if (count > 0)
 		ck_delete_delivered(entries, n, ids, read_filenode);
 	deleted_since_vacuum += count;
+	deleted_since_shrink += count;
 	pg_atomic_fetch_add_u64(&ck_shared->entries_delivered, count);
 
 	ids = ck_id_array(entries, n, CK_FATE_RETRY, &count);
@@ -725,21 +731,13 @@ ck_pass(MemoryContext batch_cxt)
 	return n >= ck_batch_size ? CK_PASS_MORE : CK_PASS_IDLE;
 }
 
-/* Vacuum the queue when enough entries were deleted since the last time. */
+/* Vacuum the queue; "shrink" lets it give emptied pages at its end back. */
 static void
-ck_maybe_vacuum(void)
+ck_vacuum_queue(Oid queue, bool shrink)
 {
-	TimestampTz now = GetCurrentTimestamp();
 	MemoryContext cxt = CurrentMemoryContext;
 	MemoryContext portal;
 	VacuumParams params;
-	Oid			queue = plans_queue;
-
-	if (deleted_since_vacuum < CK_VACUUM_ENTRIES || !OidIsValid(queue) ||
-		!TimestampDifferenceExceeds(last_vacuum, now, CK_VACUUM_MIN_MS))
-		return;
-	deleted_since_vacuum = 0;
-	last_vacuum = now;
 
 	memset(&params, 0, sizeof(params));
 	params.options = VACOPT_VACUUM | VACOPT_SKIP_LOCKED | VACOPT_PROCESS_TOAST;
@@ -749,7 +747,7 @@ ck_maybe_vacuum(void)
 	params.multixact_freeze_table_age = -1;
 	params.log_min_duration = -1;
 	params.index_cleanup = VACOPTVALUE_UNSPECIFIED;
-	params.truncate = VACOPTVALUE_UNSPECIFIED;
+	params.truncate = shrink ? VACOPTVALUE_ENABLED : VACOPTVALUE_DISABLED;
 	params.nworkers = -1;
 
 	/* vacuum() runs its own transactions and wants a portal context */
@@ -759,7 +757,7 @@ ck_maybe_vacuum(void)
 	{
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
-		pgstat_report_activity(STATE_RUNNING, "vacuuming queue");
+		pgstat_report_activity(STATE_RUNNING, shrink ? "vacuuming queue (truncate)" : "vacuuming queue");
 		vacuum(list_make1(makeVacuumRelation(NULL, queue, NIL)), &params, NULL, true);
 		CommitTransactionCommand();
 	}
@@ -782,6 +780,32 @@ ck_maybe_vacuum(void)
 	MemoryContextDelete(portal);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* Vacuum the queue when enough entries were deleted since the last time. */
+static void
+ck_maybe_vacuum(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (deleted_since_vacuum < CK_VACUUM_ENTRIES || !OidIsValid(plans_queue) ||
+		!TimestampDifferenceExceeds(last_vacuum, now, CK_VACUUM_MIN_MS))
+		return;
+	deleted_since_vacuum = 0;
+	last_vacuum = now;
+	ck_vacuum_queue(plans_queue, false);
+}
+
+/* Idle after much work: vacuum once more, giving emptied pages back. */
+static void
+ck_maybe_shrink(void)
+{
+	if (deleted_since_shrink < CK_VACUUM_ENTRIES || !OidIsValid(plans_queue))
+		return;
+	deleted_since_shrink = 0;
+	deleted_since_vacuum = 0;
+	last_vacuum = GetCurrentTimestamp();
+	ck_vacuum_queue(plans_queue, true);
 }
 
 /*
@@ -943,8 +967,14 @@ cachekit_worker_main(Datum arg)
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   wait_ms, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
-		/* idle for long: read from the very start once, whatever the floor says */
+		/*
+		 * Idle for long: read from the very start once, whatever the floor
+		 * says, and give back what a burst of work left in the queue table.
+		 */
 		if ((rc & WL_TIMEOUT) && wait_ms == CK_IDLE_TIMEOUT_MS)
+		{
 			ck_reset_floor();
+			ck_maybe_shrink();
+		}
 	}
 }

@@ -1,7 +1,8 @@
 # test/t/085_backlog.pl -- a backlog of one million queue entries, built
 # while the worker cannot reach Redis, drains once it can, deleting each of
 # the million keys; the worker's memory stays bounded meanwhile (it reads a
-# batch at a time, never the backlog). The drain time is reported.
+# batch at a time, never the backlog), and once idle it gives the queue
+# table's emptied pages back. The drain time is reported.
 
 use strict;
 use warnings;
@@ -96,6 +97,17 @@ is(redis_cmd($redis, 'DBSIZE'), '2', 'all million keys deleted, the two unrelate
 my $s = cachekit_stats($node);
 cmp_ok($s->{entries_delivered}, '>=', $N, "entries_delivered $s->{entries_delivered}");
 is($s->{dead_letters}, '0', 'no dead letters');
+
+# the worker's vacuums during the drain keep the emptied pages; once it has
+# been idle for a while it gives them back
+my $size_drained = sql(q{SELECT pg_relation_size('cachekit_queue')});
+cmp_ok($size_drained, '>', 10 * 1024 * 1024,
+	"the drained queue table still holds its pages ($size_drained bytes)");
+my $t_idle = time();
+ok(wait_for(sub { sql(q{SELECT pg_relation_size('cachekit_queue')}) < 1024 * 1024 }, 60),
+	'idle, the worker shrinks the queue table below 1 MB');
+diag(sprintf('queue table %s after %.1fs idle',
+		sql(q{SELECT pg_size_pretty(pg_relation_size('cachekit_queue'))}), time() - $t_idle));
 
 $node->stop;
 stop_redis($redis);
