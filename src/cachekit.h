@@ -126,7 +126,7 @@ extern bool ck_template_render(CkTemplate *tpl, TupleTableSlot *slot,
 
 extern void ck_enqueue(Oid nspid, char kind, List *keys, List *tags,
 					   List *untags, const char *value, int ttl);
-extern Oid	ck_extension_schema(Oid fn_oid);
+extern Oid	ck_extension_schema(FmgrInfo *flinfo);
 extern void ck_note_enqueued(void);
 extern void ck_queue_init(void);
 

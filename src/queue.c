@@ -89,12 +89,22 @@ ck_require_preload(void)
 				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
 }
 
-/* The schema the extension lives in: that of one of its functions. */
+/*
+ * The schema the extension lives in: that of one of its functions, looked
+ * up once per call site (a trigger's, for all the rows of its statement).
+ */
 Oid
-ck_extension_schema(Oid fn_oid)
+ck_extension_schema(FmgrInfo *flinfo)
 {
 	ck_require_preload();
-	return get_func_namespace(fn_oid);
+	if (flinfo->fn_extra == NULL)
+	{
+		Oid		   *nspid = MemoryContextAlloc(flinfo->fn_mcxt, sizeof(Oid));
+
+		*nspid = get_func_namespace(flinfo->fn_oid);
+		flinfo->fn_extra = nspid;
+	}
+	return *(Oid *) flinfo->fn_extra;
 }
 
 /* The queue table of the extension in schema nspid. */
@@ -296,7 +306,7 @@ Datum
 cachekit_delete(PG_FUNCTION_ARGS)
 {
 	List	   *keys = ck_array_to_list(PG_GETARG_ARRAYTYPE_P(0), "keys");
-	Oid			nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
 
 	if (keys != NIL)
 		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, NIL, NIL, NULL, 0);
@@ -308,7 +318,7 @@ Datum
 cachekit_flush_tag(PG_FUNCTION_ARGS)
 {
 	List	   *tags = ck_array_to_list(PG_GETARG_ARRAYTYPE_P(0), "tags");
-	Oid			nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
 
 	if (tags != NIL)
 		ck_enqueue(nspid, CK_KIND_INVALIDATE, NIL, tags, NIL, NULL, 0);
@@ -370,7 +380,7 @@ Datum
 cachekit_wait(PG_FUNCTION_ARGS)
 {
 	Interval   *timeout = PG_GETARG_INTERVAL_P(0);
-	Oid			nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
 	Oid			relid = ck_queue_relid(nspid);
 	int64		timeout_us;
 	TimestampTz deadline;

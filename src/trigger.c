@@ -365,16 +365,55 @@ ck_add_unique(List *list, const char *s)
 }
 
 /*
+ * Would a template render the same for two row versions? True when every
+ * column it uses holds the same bytes (or is NULL) in both: then the
+ * output is the same, whichever rows they are.
+ */
+static bool
+ck_template_same(CkTemplate *tpl, TupleTableSlot *a, TupleTableSlot *b)
+{
+	for (int i = 0; i < tpl->nparts; i++)
+	{
+		CkTemplatePart *part = &tpl->parts[i];
+		Form_pg_attribute att;
+		Datum		va,
+					vb;
+		bool		na,
+					nb;
+
+		if (part->column == NULL)
+			continue;
+		va = slot_getattr(a, part->attnum, &na);
+		vb = slot_getattr(b, part->attnum, &nb);
+		if (na != nb)
+			return false;
+		if (na)
+			continue;
+		att = TupleDescAttr(a->tts_tupleDescriptor, part->attnum - 1);
+		if (!datumIsEqual(va, vb, att->attbyval, att->attlen))
+			return false;
+	}
+	return true;
+}
+
+/*
  * Render templates for one row version (NULL for TRUNCATE, whose templates
- * are plain text), adding to a list of distinct strings.
+ * are plain text), adding to a list of distinct strings. With "rendered",
+ * the other version of an UPDATE already rendered: a template whose
+ * columns hold the same values in both is not rendered again.
  */
 static List *
-ck_render_all(List *list, CkTemplate *tpls, int n, TupleTableSlot *slot, StringInfo buf)
+ck_render_all(List *list, CkTemplate *tpls, int n, TupleTableSlot *slot,
+			  TupleTableSlot *rendered, StringInfo buf)
 {
 	for (int i = 0; i < n; i++)
+	{
+		if (rendered && ck_template_same(&tpls[i], rendered, slot))
+			continue;
 		if (ck_template_render(&tpls[i], slot, buf))
 			list = ck_add_unique(list, buf->data);
-	/* else a NULL column: no key for this row */
+		/* else a NULL column: no key for this row */
+	}
 	return list;
 }
 
@@ -519,37 +558,6 @@ ck_set_add(CkStringSet *set, const char *str, int len)
 	set->n++;
 }
 
-/*
- * Would a template render the same for two row versions? True when every
- * column it uses holds the same bytes (or is NULL) in both: then the
- * output is the same, whichever rows they are.
- */
-static bool
-ck_template_same(CkTemplate *tpl, TupleTableSlot *a, TupleTableSlot *b)
-{
-	for (int i = 0; i < tpl->nparts; i++)
-	{
-		CkTemplatePart *part = &tpl->parts[i];
-		Form_pg_attribute att;
-		Datum		va,
-					vb;
-		bool		na,
-					nb;
-
-		if (part->column == NULL)
-			continue;
-		va = slot_getattr(a, part->attnum, &na);
-		vb = slot_getattr(b, part->attnum, &nb);
-		if (na != nb)
-			return false;
-		if (na)
-			continue;
-		att = TupleDescAttr(a->tts_tupleDescriptor, part->attnum - 1);
-		if (!datumIsEqual(va, vb, att->attbyval, att->attlen))
-			return false;
-	}
-	return true;
-}
 
 /*
  * What a statement's rows already rendered, for a template whose one
@@ -876,7 +884,7 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 	Oid			nspid;
 
 	ck_check_firing(fcinfo, "cachekit_invalidate", true);
-	nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+	nspid = ck_extension_schema(fcinfo->flinfo);
 	cfg = ck_get_config(td, CK_TRIGGER_INVALIDATE);
 
 	if (!TRIGGER_FIRED_BY_TRUNCATE(td->tg_event) && !TRIGGER_FIRED_FOR_ROW(td->tg_event))
@@ -889,13 +897,13 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 	ck_event_slots(td, &oldslot, &newslot);
 	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event) || oldslot)
 	{
-		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, oldslot, &buf);
-		tags = ck_render_all(tags, cfg->tags, cfg->ntags, oldslot, &buf);
+		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, oldslot, NULL, &buf);
+		tags = ck_render_all(tags, cfg->tags, cfg->ntags, oldslot, NULL, &buf);
 	}
 	if (newslot)
 	{
-		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, newslot, &buf);
-		tags = ck_render_all(tags, cfg->tags, cfg->ntags, newslot, &buf);
+		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, newslot, oldslot, &buf);
+		tags = ck_render_all(tags, cfg->tags, cfg->ntags, newslot, oldslot, &buf);
 	}
 
 	if (keys != NIL || tags != NIL)
@@ -961,7 +969,7 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 	Oid			nspid;
 
 	ck_check_firing(fcinfo, "cachekit_write_through", false);
-	nspid = ck_extension_schema(fcinfo->flinfo->fn_oid);
+	nspid = ck_extension_schema(fcinfo->flinfo);
 	cfg = ck_get_config(td, CK_TRIGGER_WRITE_THROUGH);
 	ck_event_slots(td, &oldslot, &newslot);
 
@@ -970,13 +978,13 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 	{
 		if (ck_template_render(&cfg->keys[0], oldslot, &buf))
 			oldkey = pstrdup(buf.data);
-		oldtags = ck_render_all(NIL, cfg->tags, cfg->ntags, oldslot, &buf);
+		oldtags = ck_render_all(NIL, cfg->tags, cfg->ntags, oldslot, NULL, &buf);
 	}
 	if (newslot)
 	{
 		if (ck_template_render(&cfg->keys[0], newslot, &buf))
 			newkey = pstrdup(buf.data);
-		newtags = ck_render_all(NIL, cfg->tags, cfg->ntags, newslot, &buf);
+		newtags = ck_render_all(NIL, cfg->tags, cfg->ntags, newslot, NULL, &buf);
 	}
 
 	/* the old key goes when the row is deleted or its key changed */
