@@ -16,7 +16,7 @@ TABLE=${TABLE:-bench_outbox}
 BATCH=${BATCH:-1000}
 POLL_MS=${POLL_MS:-10}
 TAG_PREFIX=${TAG_PREFIX:-tag:}
-PSQL=/usr/lib/postgresql/15/bin/psql
+PSQL=${CACHEKIT_PG_BIN:-/usr/lib/postgresql/15/bin}/psql
 
 drained=0
 stopping=0

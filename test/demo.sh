@@ -18,7 +18,7 @@
 set -Eeuo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${CACHEKIT_PG_BIN:-/usr/lib/postgresql/15/bin}
 export LANG=C.UTF-8 LC_ALL=C.UTF-8
 unset PGHOST PGPORT PGDATABASE PGUSER PGPASSWORD PGSERVICE PGOPTIONS PGDATA
 

@@ -22,12 +22,14 @@
 #   CACHEKIT_BUILD_DIR        build folder (default /tmp/cachekit-build)
 #   CACHEKIT_REGRESS_TIMEOUT  seconds allowed for pg_regress (default 600)
 #   CACHEKIT_TAP_TIMEOUT      seconds allowed for the TAP tests (default 1800)
-#   PG_TEST_TIMEOUT_DEFAULT and PG_TEST_NOCLEAN are passed through to the tests.
+#   CACHEKIT_PG_BIN           PostgreSQL 15 bin folder (default /usr/lib/postgresql/15/bin);
+#                             a relocated copy lets several checkouts install side by side
+#   PG_TEST_TIMEOUT_DEFAULT, PG_TEST_NOCLEAN and PG_TEST_PORT_DIR are passed through.
 
 set -uo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${CACHEKIT_PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_CONFIG=$PG_BIN/pg_config
 export CACHEKIT_BUILD_DIR=${CACHEKIT_BUILD_DIR:-/tmp/cachekit-build}
 BUILD_DIR=$CACHEKIT_BUILD_DIR
@@ -47,7 +49,7 @@ case ${1:-} in
     "") ;;
     regress) run_tap=0; shift ;;
     tap) run_regress=0; shift; tap_files=("$@") ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (try --help)" ;;
 esac
 for f in "${tap_files[@]}"; do
@@ -116,7 +118,7 @@ as_postgres_make() {                # timeout seconds, make arguments...
         "CACHEKIT_BUILD_DIR=$BUILD_DIR"
     )
     local v
-    for v in PG_TEST_TIMEOUT_DEFAULT PG_TEST_NOCLEAN CI; do
+    for v in PG_TEST_TIMEOUT_DEFAULT PG_TEST_NOCLEAN PG_TEST_PORT_DIR CI; do
         [[ -n ${!v+x} ]] && envv+=("$v=${!v}")
     done
     runuser -u postgres -- env -i "${envv[@]}" \

@@ -22,7 +22,7 @@ set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
 
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${CACHEKIT_PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_CONFIG=$PG_BIN/pg_config
 BUILD_DIR=${CACHEKIT_BUILD_DIR:-/tmp/cachekit-build}
 MAKE_FLAGS=(with_llvm=no "PG_CONFIG=$PG_CONFIG")
@@ -50,8 +50,8 @@ done
 if ((${#missing[@]})); then
     say "installing missing packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q </dev/null
-    apt-get install -y -q "${missing[@]}" </dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -q </dev/null
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q "${missing[@]}" </dev/null
 else
     say "all required packages are installed"
 fi
