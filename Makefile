@@ -9,7 +9,7 @@ EXTENSION = cachekit
 EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
 
 MODULE_big = cachekit
-OBJS = src/cachekit.o src/template.o src/trigger.o src/queue.o src/deliver.o src/worker.o src/redis.o
+OBJS = src/cachekit.o src/template.o src/trigger.o src/queue.o src/deliver.o src/worker.o src/redis.o src/ddl.o src/preview.o
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 PGFILEDESC = "cachekit - Redis cache invalidation from PostgreSQL"
 
@@ -17,7 +17,7 @@ PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
 SHLIB_LINK = -lhiredis
 
-REGRESS = template statement invalidate manual write_through settings
+REGRESS = template statement invalidate manual write_through settings keys ddl preview
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
 
 TAP_TESTS = 1

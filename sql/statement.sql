@@ -105,6 +105,21 @@ CREATE TRIGGER child_bump BEFORE UPDATE ON child FOR EACH ROW EXECUTE FUNCTION b
 UPDATE base SET note = 'd';
 SELECT * FROM queued();
 TRUNCATE cachekit_queue;
+-- two UPDATEs of one table in one query (a data-modifying WITH) share the
+-- transition tables, but the trigger sees the assigned columns of only one
+-- of them: whichever fires it, the moved row's new team is flushed
+WITH moved AS (UPDATE users SET team_id = 50 WHERE id = 3 RETURNING id)
+UPDATE users SET note = 'e' WHERE id = 4;
+SELECT * FROM queued();
+TRUNCATE cachekit_queue;
+WITH noted AS (UPDATE users SET note = 'f' WHERE id = 4 RETURNING id)
+UPDATE users SET team_id = 60 WHERE id = 3;
+SELECT * FROM queued();
+TRUNCATE cachekit_queue;
+-- and a plain UPDATE after that query
+UPDATE users SET note = 'g' WHERE id = 4;
+SELECT * FROM queued();
+TRUNCATE cachekit_queue;
 
 -- 4. keys of a column under a unique index are not checked for
 -- duplicates; any other key is. A deferred unique constraint can hold

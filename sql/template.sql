@@ -51,8 +51,8 @@ UPDATE items SET name = repeat('k', 10000) WHERE id = 1;
 SELECT length(keys[array_upper(keys, 1)]) FROM cachekit_queue ORDER BY id;
 TRUNCATE cachekit_queue;
 
--- a parsed trigger follows ALTER TABLE: a renamed column is missing until
--- it is renamed back
+-- a renamed column is followed into the trigger's arguments (the parsed
+-- trigger is thrown away by the rename), and renamed back again
 ALTER TABLE items RENAME COLUMN name TO title;
 UPDATE items SET price = 2 WHERE id = 1;
 ALTER TABLE items RENAME COLUMN title TO name;

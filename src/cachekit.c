@@ -160,6 +160,7 @@ _PG_init(void)
 	shmem_startup_hook = ck_shmem_startup;
 
 	ck_queue_init();
+	ck_ddl_init();
 	ck_register_worker();
 }
 

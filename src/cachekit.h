@@ -108,6 +108,15 @@ typedef struct CkTemplatePart
 #define CK_FORMAT_INT4		'4'
 #define CK_FORMAT_INT8		'8'
 #define CK_FORMAT_TEXT		't'
+/* types whose output function depends on the session: one canonical form */
+#define CK_FORMAT_TIMESTAMPTZ 'Z'
+#define CK_FORMAT_TIMESTAMP	'T'
+#define CK_FORMAT_DATE		'D'
+#define CK_FORMAT_INTERVAL	'I'
+#define CK_FORMAT_FLOAT4	'f'
+#define CK_FORMAT_FLOAT8	'F'
+#define CK_FORMAT_BYTEA		'b'
+#define CK_FORMAT_MONEY		'm'
 
 typedef struct CkTemplate
 {
@@ -118,9 +127,49 @@ typedef struct CkTemplate
 } CkTemplate;
 
 extern char *ck_template_parse(const char *source, CkTemplate *tpl);
-extern char *ck_template_bind(CkTemplate *tpl, TupleDesc tupdesc);
+extern char *ck_template_bind(CkTemplate *tpl, TupleDesc tupdesc, int *sqlstate);
+extern char *ck_template_rename(const char *source, const char *oldname,
+								const char *newname);
 extern bool ck_template_render(CkTemplate *tpl, TupleTableSlot *slot,
 							   StringInfo out);
+
+/*---- trigger functions (trigger.c) ----*/
+
+/* which trigger function a trigger calls */
+typedef enum CkTriggerKind
+{
+	CK_TRIGGER_NONE,			/* not one of cachekit's */
+	CK_TRIGGER_INVALIDATE,
+	CK_TRIGGER_WRITE_THROUGH
+} CkTriggerKind;
+
+/* where rendered work goes: the queue, or cachekit_preview's rows */
+typedef void (*CkEmitFunc) (void *arg, char kind, List *keys, List *tags,
+							List *untags, const char *value, int ttl);
+typedef struct CkSink
+{
+	CkEmitFunc	emit;
+	void	   *arg;
+} CkSink;
+
+struct RelationData;
+struct Trigger;
+struct Bitmapset;
+
+extern CkTriggerKind ck_trigger_kind(Oid funcoid);
+extern struct Bitmapset *ck_trigger_validate(struct RelationData *rel, struct Trigger *tg,
+											 CkTriggerKind kind);
+extern void ck_trigger_render_change(struct RelationData *rel, struct Trigger *tg,
+									 CkTriggerKind kind, TupleTableSlot *oldslot,
+									 TupleTableSlot *newslot, CkSink *sink);
+extern char *ck_trigger_arg_rename(struct RelationData *rel, struct Trigger *tg,
+								   CkTriggerKind kind, int argno,
+								   const char *oldname, const char *newname);
+
+/*---- DDL and executor hooks (ddl.c) ----*/
+
+extern void ck_ddl_init(void);
+extern bool ck_query_has_modifying_cte(void);
 
 /*---- the queue (queue.c) ----*/
 

@@ -15,6 +15,9 @@
 
 #include "access/htup_details.h"
 #include "catalog/pg_index.h"
+#include "catalog/pg_language.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "common/hashfn.h"
@@ -31,19 +34,13 @@
 #include "utils/tuplestore.h"
 #include "executor/tuptable.h"
 
-/* which trigger function a configuration was parsed for */
-typedef enum CkTriggerKind
-{
-	CK_TRIGGER_INVALIDATE,
-	CK_TRIGGER_WRITE_THROUGH
-} CkTriggerKind;
-
 /* one trigger's parsed arguments, bound to its table */
 typedef struct CkTriggerConfig
 {
 	Oid			tgoid;			/* hash key */
 	Oid			relid;
 	bool		valid;
+	int			column_arg;		/* first argument with a {column}, or -1 */
 	MemoryContext cxt;			/* holds everything below */
 	int			nkeys;
 	CkTemplate *keys;
@@ -52,6 +49,7 @@ typedef struct CkTriggerConfig
 	int			ttl;			/* write-through: seconds, 0 for none */
 	int			ncolumns;		/* write-through: columns of the value */
 	AttrNumber *columns;
+	bool		columns_listed; /* write-through: columns= given */
 	TupleDesc	value_desc;		/* write-through: blessed row type of the value */
 } CkTriggerConfig;
 
@@ -77,47 +75,50 @@ ck_relcache_callback(Datum arg, Oid relid)
 
 /* Report a bad trigger argument, naming the trigger, table and argument. */
 static void
-ck_bad_argument(TriggerData *td, int argno, int sqlstate, const char *problem)
+ck_bad_argument(Relation rel, Trigger *tg, int argno, int sqlstate, const char *problem)
 {
-	Trigger    *tg = td->tg_trigger;
-
 	ereport(ERROR,
 			(errcode(sqlstate),
 			 errmsg("invalid argument %d of trigger \"%s\" on table \"%s\": %s",
-					argno + 1, tg->tgname, RelationGetRelationName(td->tg_relation),
-					problem),
+					argno + 1, tg->tgname, RelationGetRelationName(rel), problem),
 			 errdetail("The argument is \"%s\".", tg->tgargs[argno])));
+}
+
+/* The TRUNCATE error: its templates render without a row. */
+static void
+ck_truncate_placeholders(Relation rel, Trigger *tg, int argno)
+{
+	ck_bad_argument(rel, tg, argno, ERRCODE_INVALID_PARAMETER_VALUE,
+					"a TRUNCATE trigger has no rows, so its templates cannot have {column} placeholders");
 }
 
 /* Parse and bind one template argument; errors name the argument. */
 static void
-ck_parse_template(TriggerData *td, int argno, const char *source, CkTemplate *tpl)
+ck_parse_template(Relation rel, Trigger *tg, int argno, const char *source, CkTemplate *tpl)
 {
-	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
 	char	   *problem;
+	int			sqlstate;
 
 	problem = ck_template_parse(source, tpl);
 	if (problem)
-		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, problem);
-	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event) && tpl->has_columns)
-		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE,
-						"a TRUNCATE trigger has no rows, so its templates cannot have {column} placeholders");
-	problem = ck_template_bind(tpl, tupdesc);
+		ck_bad_argument(rel, tg, argno, ERRCODE_INVALID_PARAMETER_VALUE, problem);
+	problem = ck_template_bind(tpl, RelationGetDescr(rel), &sqlstate);
 	if (problem)
-		ck_bad_argument(td, argno, ERRCODE_UNDEFINED_COLUMN, problem);
+		ck_bad_argument(rel, tg, argno, sqlstate, problem);
 }
 
 /* Parse "columns=a,b,c" of a write-through trigger into attribute numbers. */
 static void
-ck_parse_columns(TriggerData *td, int argno, const char *list, CkTriggerConfig *cfg)
+ck_parse_columns(Relation rel, Trigger *tg, int argno, const char *list, CkTriggerConfig *cfg)
 {
-	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
+	TupleDesc	tupdesc = RelationGetDescr(rel);
 	const char *p = list;
 
 	cfg->columns = palloc(sizeof(AttrNumber) * (tupdesc->natts + 1));
 	cfg->ncolumns = 0;
+	cfg->columns_listed = true;
 	if (*list == '\0')
-		ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, "no columns listed");
+		ck_bad_argument(rel, tg, argno, ERRCODE_INVALID_PARAMETER_VALUE, "no columns listed");
 	for (;;)
 	{
 		const char *comma = strchr(p, ',');
@@ -130,7 +131,7 @@ ck_parse_columns(TriggerData *td, int argno, const char *list, CkTriggerConfig *
 		while (end > p && end[-1] == ' ')
 			end--;
 		if (end == p)
-			ck_bad_argument(td, argno, ERRCODE_INVALID_PARAMETER_VALUE, "empty column name");
+			ck_bad_argument(rel, tg, argno, ERRCODE_INVALID_PARAMETER_VALUE, "empty column name");
 		name = pnstrdup(p, end - p);
 		for (int a = 0; a < tupdesc->natts; a++)
 		{
@@ -140,11 +141,11 @@ ck_parse_columns(TriggerData *td, int argno, const char *list, CkTriggerConfig *
 				attnum = a + 1;
 		}
 		if (attnum == InvalidAttrNumber)
-			ck_bad_argument(td, argno, ERRCODE_UNDEFINED_COLUMN,
+			ck_bad_argument(rel, tg, argno, ERRCODE_UNDEFINED_COLUMN,
 							psprintf("column \"%s\" does not exist", name));
 		for (int c = 0; c < cfg->ncolumns; c++)
 			if (cfg->columns[c] == attnum)
-				ck_bad_argument(td, argno, ERRCODE_DUPLICATE_COLUMN,
+				ck_bad_argument(rel, tg, argno, ERRCODE_DUPLICATE_COLUMN,
 								psprintf("column \"%s\" is listed twice", name));
 		cfg->columns[cfg->ncolumns++] = attnum;
 		if (comma == NULL)
@@ -158,9 +159,9 @@ ck_parse_columns(TriggerData *td, int argno, const char *list, CkTriggerConfig *
  * default) in their order, blessed so that row_to_json can render it.
  */
 static void
-ck_build_value_desc(TriggerData *td, CkTriggerConfig *cfg)
+ck_build_value_desc(Relation rel, CkTriggerConfig *cfg)
 {
-	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
+	TupleDesc	tupdesc = RelationGetDescr(rel);
 	TupleDesc	desc;
 
 	if (cfg->columns == NULL)
@@ -198,15 +199,15 @@ ck_option_name(const char *arg, const char **rest)
 
 /* Parse a trigger's arguments into a new configuration. */
 static void
-ck_build_config(TriggerData *td, CkTriggerKind kind, CkTriggerConfig *cfg)
+ck_build_config(Relation rel, Trigger *tg, CkTriggerKind kind, CkTriggerConfig *cfg)
 {
-	Trigger    *tg = td->tg_trigger;
 	const char *fname = kind == CK_TRIGGER_INVALIDATE ? "cachekit_invalidate" : "cachekit_write_through";
 	bool		ttl_seen = false;
 
 	cfg->keys = palloc0(sizeof(CkTemplate) * (tg->tgnargs + 1));
 	cfg->tags = palloc0(sizeof(CkTemplate) * (tg->tgnargs + 1));
 	cfg->nkeys = cfg->ntags = 0;
+	cfg->column_arg = -1;
 	cfg->ttl = 0;
 	cfg->ncolumns = 0;
 	cfg->columns = NULL;
@@ -217,10 +218,15 @@ ck_build_config(TriggerData *td, CkTriggerKind kind, CkTriggerConfig *cfg)
 		const char *rest = arg;
 		char	   *opt = ck_option_name(arg, &rest);
 
-		if (opt == NULL || strcmp(opt, "key") == 0)
-			ck_parse_template(td, i, rest, &cfg->keys[cfg->nkeys++]);
-		else if (strcmp(opt, "tag") == 0)
-			ck_parse_template(td, i, rest, &cfg->tags[cfg->ntags++]);
+		if (opt == NULL || strcmp(opt, "key") == 0 || strcmp(opt, "tag") == 0)
+		{
+			CkTemplate *tpl = opt == NULL || strcmp(opt, "key") == 0 ?
+			&cfg->keys[cfg->nkeys++] : &cfg->tags[cfg->ntags++];
+
+			ck_parse_template(rel, tg, i, rest, tpl);
+			if (tpl->has_columns && cfg->column_arg < 0)
+				cfg->column_arg = i;
+		}
 		else if (kind == CK_TRIGGER_WRITE_THROUGH && strcmp(opt, "ttl") == 0)
 		{
 			char	   *end;
@@ -229,9 +235,9 @@ ck_build_config(TriggerData *td, CkTriggerKind kind, CkTriggerConfig *cfg)
 			errno = 0;
 			ttl = strtol(rest, &end, 10);
 			if (ttl_seen)
-				ck_bad_argument(td, i, ERRCODE_INVALID_PARAMETER_VALUE, "ttl is given twice");
+				ck_bad_argument(rel, tg, i, ERRCODE_INVALID_PARAMETER_VALUE, "ttl is given twice");
 			if (*rest == '\0' || *end != '\0' || errno != 0 || ttl < 0 || ttl > INT_MAX)
-				ck_bad_argument(td, i, ERRCODE_INVALID_PARAMETER_VALUE,
+				ck_bad_argument(rel, tg, i, ERRCODE_INVALID_PARAMETER_VALUE,
 								"ttl must be a whole number of seconds, 0 for no expiry");
 			cfg->ttl = (int) ttl;
 			ttl_seen = true;
@@ -239,11 +245,11 @@ ck_build_config(TriggerData *td, CkTriggerKind kind, CkTriggerConfig *cfg)
 		else if (kind == CK_TRIGGER_WRITE_THROUGH && strcmp(opt, "columns") == 0)
 		{
 			if (cfg->columns)
-				ck_bad_argument(td, i, ERRCODE_INVALID_PARAMETER_VALUE, "columns is given twice");
-			ck_parse_columns(td, i, rest, cfg);
+				ck_bad_argument(rel, tg, i, ERRCODE_INVALID_PARAMETER_VALUE, "columns is given twice");
+			ck_parse_columns(rel, tg, i, rest, cfg);
 		}
 		else
-			ck_bad_argument(td, i, ERRCODE_INVALID_PARAMETER_VALUE,
+			ck_bad_argument(rel, tg, i, ERRCODE_INVALID_PARAMETER_VALUE,
 							psprintf(kind == CK_TRIGGER_INVALIDATE ?
 									 "unknown option \"%s=\" (%s takes key=, tag= or a bare key template)" :
 									 "unknown option \"%s=\" (%s takes key=, tag=, ttl= and columns=)",
@@ -254,55 +260,81 @@ ck_build_config(TriggerData *td, CkTriggerKind kind, CkTriggerConfig *cfg)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("trigger \"%s\" on table \"%s\" has no key or tag template",
-						tg->tgname, RelationGetRelationName(td->tg_relation)),
+						tg->tgname, RelationGetRelationName(rel)),
 				 errhint("Pass templates as arguments, e.g. %s('user:{id}', 'tag=team:{team_id}').", fname)));
 	if (kind == CK_TRIGGER_WRITE_THROUGH && cfg->nkeys != 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("trigger \"%s\" on table \"%s\" must have exactly one key template, not %d",
-						tg->tgname, RelationGetRelationName(td->tg_relation), cfg->nkeys),
+						tg->tgname, RelationGetRelationName(rel), cfg->nkeys),
 				 errhint("Pass it as key=<template>, e.g. %s('key=product:{sku}', 'ttl=300').", fname)));
 	if (kind == CK_TRIGGER_WRITE_THROUGH)
-		ck_build_value_desc(td, cfg);
+		ck_build_value_desc(rel, cfg);
 }
 
-/* Check that the trigger is fired the way this function supports. */
+/*
+ * Check that a trigger fires the way its function supports: when it fires
+ * (at creation) or how it fired (at run time).
+ */
 static void
-ck_check_firing(FunctionCallInfo fcinfo, const char *fname, bool statement_ok)
+ck_check_timing(Relation rel, Trigger *tg, CkTriggerKind kind, bool after, bool row, bool truncate)
+{
+	const char *fname = kind == CK_TRIGGER_INVALIDATE ? "cachekit_invalidate" : "cachekit_write_through";
+
+	if (!after)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" must be an AFTER trigger",
+						tg->tgname, RelationGetRelationName(rel)),
+				 errdetail("%s only sees committed row versions from AFTER triggers.", fname)));
+	if (kind == CK_TRIGGER_WRITE_THROUGH && truncate)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" cannot be fired by TRUNCATE",
+						tg->tgname, RelationGetRelationName(rel)),
+				 errhint("Use cachekit_invalidate with templates without placeholders for TRUNCATE.")));
+	if (kind == CK_TRIGGER_WRITE_THROUGH && !row)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" must be FOR EACH ROW",
+						tg->tgname, RelationGetRelationName(rel))));
+}
+
+/* Check that a statement-level trigger has the transition tables it needs. */
+static void
+ck_check_transition(Relation rel, Trigger *tg, bool need_old, bool need_new,
+					bool has_old, bool has_new)
+{
+	if ((need_old && !has_old) || (need_new && !has_new))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("statement-level trigger \"%s\" on table \"%s\" needs its transition tables",
+						tg->tgname, RelationGetRelationName(rel)),
+				 errhint("Declare it with REFERENCING %s FOR EACH STATEMENT, or make it FOR EACH ROW.",
+						 need_old && need_new ? "OLD TABLE AS old_rows NEW TABLE AS new_rows" :
+						 need_old ? "OLD TABLE AS old_rows" : "NEW TABLE AS new_rows")));
+}
+
+/* Check that the function is called as a trigger, fired as it supports. */
+static void
+ck_check_firing(FunctionCallInfo fcinfo, CkTriggerKind kind)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("%s can only be called as a trigger", fname)));
-	if (!TRIGGER_FIRED_AFTER(td->tg_event))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("trigger \"%s\" on table \"%s\" must be an AFTER trigger",
-						td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
-				 errdetail("%s only sees committed row versions from AFTER triggers.", fname)));
-	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
-	{
-		if (!statement_ok)
-			ereport(ERROR,
-					(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-					 errmsg("trigger \"%s\" on table \"%s\" cannot be fired by TRUNCATE",
-							td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
-					 errhint("Use cachekit_invalidate with templates without placeholders for TRUNCATE.")));
-	}
-	else if (!TRIGGER_FIRED_FOR_ROW(td->tg_event) && !statement_ok)
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("trigger \"%s\" on table \"%s\" must be FOR EACH ROW",
-						td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation))));
+				 errmsg("%s can only be called as a trigger",
+						kind == CK_TRIGGER_INVALIDATE ? "cachekit_invalidate" : "cachekit_write_through")));
+	ck_check_timing(td->tg_relation, td->tg_trigger, kind, TRIGGER_FIRED_AFTER(td->tg_event),
+					TRIGGER_FIRED_FOR_ROW(td->tg_event), TRIGGER_FIRED_BY_TRUNCATE(td->tg_event));
 }
 
-/* The parsed configuration of the firing trigger, parsing it if needed. */
+/* The parsed configuration of a trigger of rel, parsing it if needed. */
 static CkTriggerConfig *
-ck_get_config(TriggerData *td, CkTriggerKind kind)
+ck_get_config(Relation rel, Trigger *tg, CkTriggerKind kind)
 {
-	Oid			tgoid = td->tg_trigger->tgoid;
+	Oid			tgoid = tg->tgoid;
 	CkTriggerConfig *cfg;
 	bool		found;
 	MemoryContext cxt;
@@ -330,7 +362,7 @@ ck_get_config(TriggerData *td, CkTriggerKind kind)
 	old = MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		ck_build_config(td, kind, &tmp);
+		ck_build_config(rel, tg, kind, &tmp);
 	}
 	PG_CATCH();
 	{
@@ -345,7 +377,7 @@ ck_get_config(TriggerData *td, CkTriggerKind kind)
 	if (found && cfg->cxt)
 		MemoryContextDelete(cfg->cxt);
 	tmp.tgoid = tgoid;
-	tmp.relid = RelationGetRelid(td->tg_relation);
+	tmp.relid = RelationGetRelid(rel);
 	tmp.cxt = cxt;
 	tmp.valid = true;
 	*cfg = tmp;
@@ -695,6 +727,13 @@ ck_new_rows_same(TriggerData *td, CkTriggerConfig *cfg)
 
 	if (!TRIGGER_FIRED_BY_UPDATE(td->tg_event) || td->tg_updatedcols == NULL)
 		return false;
+	/*
+	 * Several UPDATEs of the table in one query (data-modifying WITH) share
+	 * one pair of transition tables, but tg_updatedcols describes only the
+	 * UPDATE that fired the trigger.
+	 */
+	if (ck_query_has_modifying_cte())
+		return false;
 	if (rel->rd_rel->relhassubclass || rel->rd_rel->relkind != RELKIND_RELATION)
 		return false;
 	if (rel->trigdesc != NULL && rel->trigdesc->trig_update_before_row)
@@ -794,7 +833,7 @@ ck_set_list(CkStringSet *set)
  * tag of the statement, each once, in queue entries of bounded size.
  */
 static void
-ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
+ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, CkSink *sink)
 {
 	TupleDesc	tupdesc = RelationGetDescr(td->tg_relation);
 	bool		need_old = !TRIGGER_FIRED_BY_INSERT(td->tg_event);
@@ -809,14 +848,8 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 	MemoryContext chunk_cxt;
 	MemoryContext old_cxt;
 
-	if ((need_old && td->tg_oldtable == NULL) || (need_new && td->tg_newtable == NULL))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("statement-level trigger \"%s\" on table \"%s\" needs its transition tables",
-						td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
-				 errhint("Declare it with REFERENCING %s FOR EACH STATEMENT, or make it FOR EACH ROW.",
-						 need_old && need_new ? "OLD TABLE AS old_rows NEW TABLE AS new_rows" :
-						 need_old ? "OLD TABLE AS old_rows" : "NEW TABLE AS new_rows")));
+	ck_check_transition(td->tg_relation, td->tg_trigger, need_old, need_new,
+						td->tg_oldtable != NULL, td->tg_newtable != NULL);
 
 	if (need_old && need_new && ck_new_rows_same(td, cfg))
 		need_new = false;
@@ -858,11 +891,46 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, Oid nspid)
 				break;
 			chunk_tags = lappend(chunk_tags, lfirst(t));
 		}
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, chunk_keys, chunk_tags, NIL, NULL, 0);
+		sink->emit(sink->arg, CK_KIND_INVALIDATE, chunk_keys, chunk_tags, NIL, NULL, 0);
 		MemoryContextReset(chunk_cxt);
 	}
 	MemoryContextSwitchTo(old_cxt);
 	MemoryContextDelete(chunk_cxt);
+}
+
+/* A sink that enqueues, in the extension's schema *(Oid *) arg. */
+static void
+ck_emit_queue(void *arg, char kind, List *keys, List *tags, List *untags,
+			  const char *value, int ttl)
+{
+	ck_enqueue(*(Oid *) arg, kind, keys, tags, untags, value, ttl);
+}
+
+/*
+ * A row-level invalidation (or a TRUNCATE, with both versions NULL): the
+ * keys and tags of the old and new row versions, each once, in one entry.
+ */
+static void
+ck_invalidate_row(CkTriggerConfig *cfg, TupleTableSlot *oldslot,
+				  TupleTableSlot *newslot, CkSink *sink)
+{
+	List	   *keys = NIL;
+	List	   *tags = NIL;
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	if (oldslot || newslot == NULL)
+	{
+		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, oldslot, NULL, &buf);
+		tags = ck_render_all(tags, cfg->tags, cfg->ntags, oldslot, NULL, &buf);
+	}
+	if (newslot)
+	{
+		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, newslot, oldslot, &buf);
+		tags = ck_render_all(tags, cfg->tags, cfg->ntags, newslot, oldslot, &buf);
+	}
+	if (keys != NIL || tags != NIL)
+		sink->emit(sink->arg, CK_KIND_INVALIDATE, keys, tags, NIL, NULL, 0);
 }
 
 /*
@@ -878,37 +946,35 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 	CkTriggerConfig *cfg;
 	TupleTableSlot *oldslot;
 	TupleTableSlot *newslot;
-	List	   *keys = NIL;
-	List	   *tags = NIL;
-	StringInfoData buf;
 	Oid			nspid;
+	CkSink		sink;
 
-	ck_check_firing(fcinfo, "cachekit_invalidate", true);
+	ck_check_firing(fcinfo, CK_TRIGGER_INVALIDATE);
 	nspid = ck_extension_schema(fcinfo->flinfo);
-	cfg = ck_get_config(td, CK_TRIGGER_INVALIDATE);
+	cfg = ck_get_config(td->tg_relation, td->tg_trigger, CK_TRIGGER_INVALIDATE);
+	sink.emit = ck_emit_queue;
+	sink.arg = &nspid;
 
-	if (!TRIGGER_FIRED_BY_TRUNCATE(td->tg_event) && !TRIGGER_FIRED_FOR_ROW(td->tg_event))
+	/*
+	 * The configuration does not depend on the event that parsed it: a
+	 * trigger on INSERT OR TRUNCATE may have been parsed for an INSERT, and
+	 * a TRUNCATE has no row for its placeholders. Creating such a trigger
+	 * is refused; this catches those created before that check.
+	 */
+	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
 	{
-		ck_invalidate_statement(td, cfg, nspid);
+		if (cfg->column_arg >= 0)
+			ck_truncate_placeholders(td->tg_relation, td->tg_trigger, cfg->column_arg);
+		ck_invalidate_row(cfg, NULL, NULL, &sink);
 		return PointerGetDatum(NULL);
 	}
-
-	initStringInfo(&buf);
+	if (!TRIGGER_FIRED_FOR_ROW(td->tg_event))
+	{
+		ck_invalidate_statement(td, cfg, &sink);
+		return PointerGetDatum(NULL);
+	}
 	ck_event_slots(td, &oldslot, &newslot);
-	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event) || oldslot)
-	{
-		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, oldslot, NULL, &buf);
-		tags = ck_render_all(tags, cfg->tags, cfg->ntags, oldslot, NULL, &buf);
-	}
-	if (newslot)
-	{
-		keys = ck_render_all(keys, cfg->keys, cfg->nkeys, newslot, oldslot, &buf);
-		tags = ck_render_all(tags, cfg->tags, cfg->ntags, newslot, oldslot, &buf);
-	}
-
-	if (keys != NIL || tags != NIL)
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, tags, NIL, NULL, 0);
-
+	ck_invalidate_row(cfg, oldslot, newslot, &sink);
 	return PointerGetDatum(NULL);
 }
 
@@ -950,28 +1016,18 @@ ck_list_minus(List *a, List *b)
 }
 
 /*
- * cachekit_write_through(key=..., ttl=..., columns=..., tag=...): AFTER
- * INSERT OR UPDATE OR DELETE FOR EACH ROW trigger that writes the row as
- * JSON to its key (and lists the key in its tags' sets), or deletes it.
+ * A write-through row change: the old key dropped when the row is deleted
+ * or its key changed, the new row written to its key.
  */
-Datum
-cachekit_write_through(PG_FUNCTION_ARGS)
+static void
+ck_write_through_row(CkTriggerConfig *cfg, TupleTableSlot *oldslot,
+					 TupleTableSlot *newslot, CkSink *sink)
 {
-	TriggerData *td = (TriggerData *) fcinfo->context;
-	CkTriggerConfig *cfg;
-	TupleTableSlot *oldslot;
-	TupleTableSlot *newslot;
 	StringInfoData buf;
 	char	   *oldkey = NULL;
 	char	   *newkey = NULL;
 	List	   *oldtags = NIL;
 	List	   *newtags = NIL;
-	Oid			nspid;
-
-	ck_check_firing(fcinfo, "cachekit_write_through", false);
-	nspid = ck_extension_schema(fcinfo->flinfo);
-	cfg = ck_get_config(td, CK_TRIGGER_WRITE_THROUGH);
-	ck_event_slots(td, &oldslot, &newslot);
 
 	initStringInfo(&buf);
 	if (oldslot)
@@ -989,7 +1045,7 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 
 	/* the old key goes when the row is deleted or its key changed */
 	if (oldkey && (newkey == NULL || strcmp(oldkey, newkey) != 0))
-		ck_enqueue(nspid, CK_KIND_DROP, list_make1(oldkey), NIL, oldtags, NULL, 0);
+		sink->emit(sink->arg, CK_KIND_DROP, list_make1(oldkey), NIL, oldtags, NULL, 0);
 
 	if (newkey)
 	{
@@ -1006,13 +1062,218 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 			 * Too large to cache: make sure no stale value stays. The ttl
 			 * of -1 tells the worker to count it once delivered.
 			 */
-			ck_enqueue(nspid, CK_KIND_DROP, list_make1(newkey), NIL,
+			sink->emit(sink->arg, CK_KIND_DROP, list_make1(newkey), NIL,
 					   list_concat(leaving, newtags), NULL, CK_TTL_TOO_LARGE);
 		}
 		else
-			ck_enqueue(nspid, CK_KIND_WRITE, list_make1(newkey), newtags, leaving,
+			sink->emit(sink->arg, CK_KIND_WRITE, list_make1(newkey), newtags, leaving,
 					   value, cfg->ttl);
 	}
+}
 
+/*
+ * cachekit_write_through(key=..., ttl=..., columns=..., tag=...): AFTER
+ * INSERT OR UPDATE OR DELETE FOR EACH ROW trigger that writes the row as
+ * JSON to its key (and lists the key in its tags' sets), or deletes it.
+ */
+Datum
+cachekit_write_through(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	CkTriggerConfig *cfg;
+	TupleTableSlot *oldslot;
+	TupleTableSlot *newslot;
+	Oid			nspid;
+	CkSink		sink;
+
+	ck_check_firing(fcinfo, CK_TRIGGER_WRITE_THROUGH);
+	nspid = ck_extension_schema(fcinfo->flinfo);
+	cfg = ck_get_config(td->tg_relation, td->tg_trigger, CK_TRIGGER_WRITE_THROUGH);
+	sink.emit = ck_emit_queue;
+	sink.arg = &nspid;
+	ck_event_slots(td, &oldslot, &newslot);
+	ck_write_through_row(cfg, oldslot, newslot, &sink);
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * What a cachekit trigger of rel renders for one row change (both versions
+ * NULL for a TRUNCATE), through the code its firing uses, into a sink:
+ * cachekit_preview's. A statement-level trigger renders one row the way
+ * its statement renders each.
+ */
+void
+ck_trigger_render_change(Relation rel, Trigger *tg, CkTriggerKind kind,
+						 TupleTableSlot *oldslot, TupleTableSlot *newslot, CkSink *sink)
+{
+	CkTriggerConfig *cfg = ck_get_config(rel, tg, kind);
+
+	if (oldslot == NULL && newslot == NULL && cfg->column_arg >= 0)
+		ck_truncate_placeholders(rel, tg, cfg->column_arg);
+	if (kind == CK_TRIGGER_WRITE_THROUGH)
+		ck_write_through_row(cfg, oldslot, newslot, sink);
+	else
+		ck_invalidate_row(cfg, oldslot, newslot, sink);
+}
+
+/*
+ * Check a new cachekit trigger: how it fires, and its arguments against its
+ * table, with the errors its first row would raise. Returns the attribute
+ * numbers of the columns its arguments name (in the current memory
+ * context).
+ */
+Bitmapset *
+ck_trigger_validate(Relation rel, Trigger *tg, CkTriggerKind kind)
+{
+	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "cachekit check",
+											  ALLOCSET_SMALL_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	CkTriggerConfig cfg;
+	List	   *attnums = NIL;
+	Bitmapset  *columns = NULL;
+	ListCell   *lc;
+
+	ck_check_timing(rel, tg, kind, TRIGGER_FOR_AFTER(tg->tgtype), TRIGGER_FOR_ROW(tg->tgtype),
+					TRIGGER_FOR_TRUNCATE(tg->tgtype));
+	if (!TRIGGER_FOR_ROW(tg->tgtype))
+		ck_check_transition(rel, tg, TRIGGER_FOR_UPDATE(tg->tgtype) || TRIGGER_FOR_DELETE(tg->tgtype),
+							TRIGGER_FOR_UPDATE(tg->tgtype) || TRIGGER_FOR_INSERT(tg->tgtype),
+							tg->tgoldtable != NULL, tg->tgnewtable != NULL);
+	memset(&cfg, 0, sizeof(cfg));
+	ck_build_config(rel, tg, kind, &cfg);
+	if (TRIGGER_FOR_TRUNCATE(tg->tgtype) && cfg.column_arg >= 0)
+		ck_truncate_placeholders(rel, tg, cfg.column_arg);
+	for (int t = 0; t < cfg.nkeys + cfg.ntags; t++)
+	{
+		CkTemplate *tpl = t < cfg.nkeys ? &cfg.keys[t] : &cfg.tags[t - cfg.nkeys];
+
+		for (int i = 0; i < tpl->nparts; i++)
+			if (tpl->parts[i].column != NULL)
+				attnums = lappend_int(attnums, tpl->parts[i].attnum);
+	}
+	/* an explicit columns= list; without one the value follows the table */
+	for (int c = 0; c < cfg.ncolumns && cfg.columns_listed; c++)
+		attnums = lappend_int(attnums, cfg.columns[c]);
+	MemoryContextSwitchTo(old);
+	foreach(lc, attnums)
+		columns = bms_add_member(columns, lfirst_int(lc));
+	MemoryContextDelete(cxt);
+	return columns;
+}
+
+/* Is probin (a C function's library) cachekit's? */
+static bool
+ck_is_our_library(const char *probin)
+{
+	const char *base = strrchr(probin, '/');
+
+	base = base ? base + 1 : probin;
+	return strcmp(base, "cachekit") == 0 || strcmp(base, "cachekit" DLSUFFIX) == 0;
+}
+
+/* Which cachekit trigger function, if any, funcoid is. */
+CkTriggerKind
+ck_trigger_kind(Oid funcoid)
+{
+	HeapTuple	tuple = SearchSysCache1(PROCOID, ObjectIdGetDatum(funcoid));
+	CkTriggerKind kind = CK_TRIGGER_NONE;
+	bool		isnull;
+	Datum		probin;
+	char	   *prosrc;
+
+	if (!HeapTupleIsValid(tuple))
+		return CK_TRIGGER_NONE;
+	probin = SysCacheGetAttr(PROCOID, tuple, Anum_pg_proc_probin, &isnull);
+	if (((Form_pg_proc) GETSTRUCT(tuple))->prolang == ClanguageId && !isnull &&
+		ck_is_our_library(TextDatumGetCString(probin)))
+	{
+		prosrc = TextDatumGetCString(SysCacheGetAttr(PROCOID, tuple, Anum_pg_proc_prosrc, &isnull));
+		if (strcmp(prosrc, "cachekit_invalidate") == 0)
+			kind = CK_TRIGGER_INVALIDATE;
+		else if (strcmp(prosrc, "cachekit_write_through") == 0)
+			kind = CK_TRIGGER_WRITE_THROUGH;
+	}
+	ReleaseSysCache(tuple);
+	return kind;
+}
+
+/* Refuse a column rename the trigger's arguments cannot express. */
+static void
+ck_rename_refused(Relation rel, Trigger *tg, int argno, const char *newname, const char *why)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("cannot rename a column used by trigger \"%s\" on table \"%s\" to \"%s\"",
+					tg->tgname, RelationGetRelationName(rel), newname),
+			 errdetail("Argument %d of the trigger (\"%s\") names the column, and %s.",
+					   argno + 1, tg->tgargs[argno], why),
+			 errhint("Choose another name, or drop the trigger, rename the column and create the trigger again.")));
+}
+
+/* "columns=a,b" with oldname written newname; NULL when it is not listed. */
+static char *
+ck_columns_rename(const char *list, const char *oldname, const char *newname)
+{
+	StringInfoData out;
+	const char *p = list;
+	bool		changed = false;
+
+	initStringInfo(&out);
+	appendStringInfoString(&out, "columns=");
+	for (;;)
+	{
+		const char *comma = strchr(p, ',');
+		const char *end = comma ? comma : p + strlen(p);
+		const char *start = p;
+
+		while (start < end && *start == ' ')
+			start++;
+		while (end > start && end[-1] == ' ')
+			end--;
+		if ((size_t) (end - start) == strlen(oldname) && strncmp(start, oldname, end - start) == 0)
+		{
+			appendStringInfoString(&out, newname);
+			changed = true;
+		}
+		else
+			appendBinaryStringInfo(&out, start, end - start);
+		if (comma == NULL)
+			break;
+		appendStringInfoChar(&out, ',');
+		p = comma + 1;
+	}
+	return changed ? out.data : NULL;
+}
+
+/*
+ * Argument argno of a cachekit trigger of rel after its column oldname was
+ * renamed newname: the new text, or NULL when it does not name the column.
+ * A name the argument cannot hold is refused with an error.
+ */
+char *
+ck_trigger_arg_rename(Relation rel, Trigger *tg, CkTriggerKind kind, int argno,
+					  const char *oldname, const char *newname)
+{
+	const char *arg = tg->tgargs[argno];
+	const char *rest = arg;
+	char	   *opt = ck_option_name(arg, &rest);
+	char	   *renamed;
+
+	if (opt == NULL || strcmp(opt, "key") == 0 || strcmp(opt, "tag") == 0)
+	{
+		renamed = ck_template_rename(rest, oldname, newname);
+		if (renamed && strpbrk(newname, "{}") != NULL)
+			ck_rename_refused(rel, tg, argno, newname, "a placeholder cannot hold a brace");
+		return renamed ? psprintf("%.*s%s", (int) (rest - arg), arg, renamed) : NULL;
+	}
+	if (kind == CK_TRIGGER_WRITE_THROUGH && strcmp(opt, "columns") == 0)
+	{
+		renamed = ck_columns_rename(rest, oldname, newname);
+		if (renamed && (strchr(newname, ',') != NULL || newname[0] == ' ' ||
+						newname[strlen(newname) - 1] == ' '))
+			ck_rename_refused(rel, tg, argno, newname,
+							  "a columns= list cannot hold a comma or a leading or trailing space in a name");
+		return renamed;
+	}
+	return NULL;
 }
