@@ -17,7 +17,7 @@ PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
 SHLIB_LINK = -lhiredis
 
-REGRESS = template statement invalidate manual write_through settings keys ddl preview
+REGRESS = template statement invalidate manual write_through settings keys ddl preview upgrade_triggers
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
 
 TAP_TESTS = 1

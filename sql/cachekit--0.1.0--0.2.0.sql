@@ -30,3 +30,15 @@ REVOKE ALL ON FUNCTION @extschema@.cachekit_preview(pg_catalog.regclass, pg_cata
 -- its entries were meant for the old database's Redis, at the time.
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.cachekit_dead_letter', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.cachekit_queue_id_seq', '');
+
+-- Since 0.2.0, CREATE TRIGGER checks a cachekit trigger's arguments and
+-- records that the trigger depends on the columns they name (so that DROP
+-- COLUMN is refused unless CASCADE). Do the same once for the triggers
+-- created before: a trigger that fails the checks gets a warning and is
+-- left as it is. The function is not kept.
+CREATE FUNCTION @extschema@.cachekit_check_triggers()
+RETURNS pg_catalog.int8
+AS 'MODULE_PATHNAME', 'cachekit_check_triggers'
+LANGUAGE C STRICT VOLATILE;
+SELECT @extschema@.cachekit_check_triggers();
+DROP FUNCTION @extschema@.cachekit_check_triggers();

@@ -56,7 +56,12 @@ void
 _PG_init(void)
 {
 	if (IsBinaryUpgrade)
+	{
+		/* pg_upgrade recreates triggers: record their column dependencies */
+		if (process_shared_preload_libraries_in_progress)
+			ck_ddl_init();
 		return;
+	}
 
 	if (!process_shared_preload_libraries_in_progress)
 	{

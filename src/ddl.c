@@ -40,6 +40,8 @@
 #include "utils/rel.h"
 #include "utils/reltrigger.h"
 #include "utils/snapmgr.h"
+#include "miscadmin.h"
+#include "storage/lmgr.h"
 
 static object_access_hook_type prev_object_access = NULL;
 static ProcessUtility_hook_type prev_utility = NULL;
@@ -131,14 +133,102 @@ ck_trigger_created(Oid tgoid)
 	}
 }
 
+/*
+ * The same for a trigger that exists already (pg_upgrade recreating it, or
+ * one created before cachekit 0.2.0): one that does not pass the checks
+ * is reported with a warning and left as it is, rather than failing the
+ * upgrade. Returns whether it passed.
+ */
+static bool
+ck_trigger_created_quietly(Oid tgoid)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool passed = true;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		ck_trigger_created(tgoid);
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("%s", edata->message),
+				 edata->detail ? errdetail("%s", edata->detail) : 0,
+				 errhint("Writes to the table fail until the trigger is dropped or created again with valid arguments.")));
+		FreeErrorData(edata);
+		passed = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return passed;
+}
+
 /* Object access hook: new triggers are checked at once. */
 static void
 ck_object_access(ObjectAccessType access, Oid classId, Oid objectId, int subId, void *arg)
 {
 	if (prev_object_access)
 		prev_object_access(access, classId, objectId, subId, arg);
-	if (access == OAT_POST_CREATE && classId == TriggerRelationId && subId == 0)
+	if (access != OAT_POST_CREATE || classId != TriggerRelationId || subId != 0)
+		return;
+	if (IsBinaryUpgrade)
+		ck_trigger_created_quietly(objectId);
+	else
 		ck_trigger_created(objectId);
+}
+
+/*
+ * cachekit_check_triggers(): check every cachekit trigger of this
+ * database and record its column dependencies, as CREATE TRIGGER does
+ * since 0.2.0. Run once by the upgrade from 0.1.0; returns the number of
+ * triggers that failed the checks (each reported with a warning).
+ */
+PG_FUNCTION_INFO_V1(cachekit_check_triggers);
+
+Datum
+cachekit_check_triggers(PG_FUNCTION_ARGS)
+{
+	Relation	tgrel = table_open(TriggerRelationId, AccessShareLock);
+	SysScanDesc scan = systable_beginscan(tgrel, InvalidOid, false, NULL, 0, NULL);
+	HeapTuple	tuple;
+	List	   *triggers = NIL;
+	List	   *relids = NIL;
+	ListCell   *lc;
+	ListCell   *lc2;
+	int64		failed = 0;
+
+	while (HeapTupleIsValid(tuple = systable_getnext(scan)))
+	{
+		Form_pg_trigger form = (Form_pg_trigger) GETSTRUCT(tuple);
+
+		if (ck_trigger_kind(form->tgfoid) == CK_TRIGGER_NONE)
+			continue;
+		triggers = lappend_oid(triggers, form->oid);
+		relids = lappend_oid(relids, form->tgrelid);
+	}
+	systable_endscan(scan);
+	table_close(tgrel, AccessShareLock);
+
+	forboth(lc, triggers, lc2, relids)
+	{
+		/* the lock CREATE TRIGGER would take */
+		LockRelationOid(lfirst_oid(lc2), ShareRowExclusiveLock);
+		if (!ck_trigger_created_quietly(lfirst_oid(lc)))
+			failed++;
+	}
+	PG_RETURN_INT64(failed);
 }
 
 /* Store new arguments of a trigger in its pg_trigger row. */

@@ -777,7 +777,9 @@ ck_keys_distinct(Relation rel, CkTriggerConfig *cfg)
 				return false;
 			column = &cfg->keys[0].parts[i];
 		}
-	if (column == NULL || column->format == CK_FORMAT_OUTFUNC)
+	if (column == NULL ||
+		(column->format != CK_FORMAT_INT2 && column->format != CK_FORMAT_INT4 &&
+		 column->format != CK_FORMAT_INT8 && column->format != CK_FORMAT_TEXT))
 		return false;
 
 	indexes = RelationGetIndexList(rel);
