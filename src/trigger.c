@@ -936,6 +936,22 @@ ck_invalidate_row(CkTriggerConfig *cfg, TupleTableSlot *oldslot,
 }
 
 /*
+ * The start of a firing: the checks, the parsed configuration, and a sink
+ * that enqueues in the extension's schema (stored in the caller's *nspid).
+ */
+static CkTriggerConfig *
+ck_fire_start(FunctionCallInfo fcinfo, CkTriggerKind kind, Oid *nspid, CkSink *sink)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+
+	ck_check_firing(fcinfo, kind);
+	*nspid = ck_extension_schema(fcinfo->flinfo);
+	sink->emit = ck_emit_queue;
+	sink->arg = nspid;
+	return ck_get_config(td->tg_relation, td->tg_trigger, kind);
+}
+
+/*
  * cachekit_invalidate(templates...): trigger that deletes the rendered keys
  * and flushes the rendered tags once the transaction commits. AFTER INSERT
  * OR UPDATE OR DELETE, FOR EACH ROW or FOR EACH STATEMENT with transition
@@ -951,11 +967,7 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 	Oid			nspid;
 	CkSink		sink;
 
-	ck_check_firing(fcinfo, CK_TRIGGER_INVALIDATE);
-	nspid = ck_extension_schema(fcinfo->flinfo);
-	cfg = ck_get_config(td->tg_relation, td->tg_trigger, CK_TRIGGER_INVALIDATE);
-	sink.emit = ck_emit_queue;
-	sink.arg = &nspid;
+	cfg = ck_fire_start(fcinfo, CK_TRIGGER_INVALIDATE, &nspid, &sink);
 
 	/*
 	 * The configuration does not depend on the event that parsed it: a
@@ -1088,11 +1100,7 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 	Oid			nspid;
 	CkSink		sink;
 
-	ck_check_firing(fcinfo, CK_TRIGGER_WRITE_THROUGH);
-	nspid = ck_extension_schema(fcinfo->flinfo);
-	cfg = ck_get_config(td->tg_relation, td->tg_trigger, CK_TRIGGER_WRITE_THROUGH);
-	sink.emit = ck_emit_queue;
-	sink.arg = &nspid;
+	cfg = ck_fire_start(fcinfo, CK_TRIGGER_WRITE_THROUGH, &nspid, &sink);
 	ck_event_slots(td, &oldslot, &newslot);
 	ck_write_through_row(cfg, oldslot, newslot, &sink);
 	return PointerGetDatum(NULL);
