@@ -3,11 +3,15 @@
  * trigger.c
  *	  The trigger functions cachekit_invalidate and cachekit_write_through.
  *
- * A trigger's arguments are parsed and bound to its table once, at its
- * first row, and kept per backend in a hash table keyed by trigger OID.
+ * A trigger's arguments are checked when it is created (ddl.c calls
+ * ck_trigger_validate), then parsed and bound to its table once per
+ * backend, at its first row, and kept in a hash table keyed by trigger OID.
  * A relcache invalidation of the table (ALTER TABLE, CREATE OR REPLACE
- * TRIGGER, DROP TRIGGER) throws the parsed form away. Each fired row renders
- * its keys and tags and enqueues one entry; the trigger never talks to Redis.
+ * TRIGGER, DROP TRIGGER) throws the parsed form away. The parsed form does
+ * not depend on the event that parsed it. Each fired row renders its keys
+ * and tags and enqueues one entry; the trigger never talks to Redis. The
+ * same rendering serves cachekit_preview (preview.c) through a sink that
+ * collects rows instead of enqueueing.
  *
  *-------------------------------------------------------------------------
  */
