@@ -77,6 +77,13 @@ ck_relcache_callback(Datum arg, Oid relid)
 	}
 }
 
+/* The SQL name of a trigger function. */
+static const char *
+ck_function_name(CkTriggerKind kind)
+{
+	return kind == CK_TRIGGER_INVALIDATE ? "cachekit_invalidate" : "cachekit_write_through";
+}
+
 /* Report a bad trigger argument, naming the trigger, table and argument. */
 static void
 ck_bad_argument(Relation rel, Trigger *tg, int argno, int sqlstate, const char *problem)
@@ -205,7 +212,7 @@ ck_option_name(const char *arg, const char **rest)
 static void
 ck_build_config(Relation rel, Trigger *tg, CkTriggerKind kind, CkTriggerConfig *cfg)
 {
-	const char *fname = kind == CK_TRIGGER_INVALIDATE ? "cachekit_invalidate" : "cachekit_write_through";
+	const char *fname = ck_function_name(kind);
 	bool		ttl_seen = false;
 
 	cfg->keys = palloc0(sizeof(CkTemplate) * (tg->tgnargs + 1));
@@ -283,7 +290,7 @@ ck_build_config(Relation rel, Trigger *tg, CkTriggerKind kind, CkTriggerConfig *
 static void
 ck_check_timing(Relation rel, Trigger *tg, CkTriggerKind kind, bool after, bool row, bool truncate)
 {
-	const char *fname = kind == CK_TRIGGER_INVALIDATE ? "cachekit_invalidate" : "cachekit_write_through";
+	const char *fname = ck_function_name(kind);
 
 	if (!after)
 		ereport(ERROR,
@@ -328,8 +335,7 @@ ck_check_firing(FunctionCallInfo fcinfo, CkTriggerKind kind)
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("%s can only be called as a trigger",
-						kind == CK_TRIGGER_INVALIDATE ? "cachekit_invalidate" : "cachekit_write_through")));
+				 errmsg("%s can only be called as a trigger", ck_function_name(kind))));
 	ck_check_timing(td->tg_relation, td->tg_trigger, kind, TRIGGER_FIRED_AFTER(td->tg_event),
 					TRIGGER_FIRED_FOR_ROW(td->tg_event), TRIGGER_FIRED_BY_TRUNCATE(td->tg_event));
 }
@@ -720,9 +726,9 @@ ck_render_tables(Tuplestorestate *oldtable, Tuplestorestate *newtable, TupleDesc
  * what the old rows do: no column any template uses was assigned by the
  * statement (tg_updatedcols, which includes generated columns computed
  * from assigned ones), and nothing else can change a new row behind the
- * statement's back: no BEFORE ROW UPDATE trigger on the table, and no
+ * statement's back: no BEFORE ROW UPDATE trigger on the table, no
  * partitions or inheritance children, whose own triggers would not show
- * here.
+ * here, and no other UPDATE of the table in the same query.
  */
 static bool
 ck_new_rows_same(TriggerData *td, CkTriggerConfig *cfg)
