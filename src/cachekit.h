@@ -126,6 +126,7 @@ typedef struct CkTemplate
 	bool		has_columns;
 } CkTemplate;
 
+extern AttrNumber ck_column_attnum(TupleDesc tupdesc, const char *name);
 extern char *ck_template_parse(const char *source, CkTemplate *tpl);
 extern char *ck_template_bind(CkTemplate *tpl, TupleDesc tupdesc, int *sqlstate);
 extern char *ck_template_rename(const char *source, const char *oldname,
@@ -162,6 +163,8 @@ extern struct Bitmapset *ck_trigger_validate(struct RelationData *rel, struct Tr
 extern void ck_trigger_render_change(struct RelationData *rel, struct Trigger *tg,
 									 CkTriggerKind kind, TupleTableSlot *oldslot,
 									 TupleTableSlot *newslot, CkSink *sink);
+extern struct Bitmapset *ck_trigger_named_columns(struct RelationData *rel, struct Trigger *tg,
+												  CkTriggerKind kind);
 extern char *ck_trigger_arg_rename(struct RelationData *rel, struct Trigger *tg,
 								   CkTriggerKind kind, int argno,
 								   const char *oldname, const char *newname);

@@ -9,7 +9,9 @@
  *   arguments at once, with the errors its first row would raise, and
  *   records that the trigger depends on the columns its arguments name, as
  *   PostgreSQL does for UPDATE OF columns: DROP COLUMN is then refused
- *   unless CASCADE, and a column type change is refused.
+ *   unless CASCADE, and a column type change is refused. Under pg_upgrade
+ *   (binary-upgrade mode) only the dependencies are recorded: it must
+ *   recreate whatever triggers the old cluster held.
  * - RENAME COLUMN rewrites the arguments of the cachekit triggers of the
  *   table (and of its partitions and inheritance children) that name the
  *   column, or is refused when the new name cannot be written there.
@@ -85,12 +87,12 @@ ck_trigger_from_tuple(HeapTuple tuple, TupleDesc desc, Trigger *tg)
 
 /*
  * A trigger was created (or replaced): if it calls a cachekit function,
- * check it against its table and record its dependencies on the columns
- * its arguments name. Its row is not visible to the command's snapshot
- * yet, so it is read with SnapshotSelf.
+ * check it against its table (unless "check" is false) and record its
+ * dependencies on the columns its arguments name. Its row is not visible
+ * to the command's snapshot yet, so it is read with SnapshotSelf.
  */
 static void
-ck_trigger_created(Oid tgoid)
+ck_trigger_created(Oid tgoid, bool check)
 {
 	Relation	tgrel = table_open(TriggerRelationId, AccessShareLock);
 	ScanKeyData key;
@@ -118,7 +120,8 @@ ck_trigger_created(Oid tgoid)
 	{
 		/* CREATE TRIGGER holds a lock on the table */
 		Relation	rel = relation_open(relid, AccessShareLock);
-		Bitmapset  *columns = ck_trigger_validate(rel, &tg, kind);
+		Bitmapset  *columns = check ? ck_trigger_validate(rel, &tg, kind) :
+			ck_trigger_named_columns(rel, &tg, kind);
 		ObjectAddress myself;
 		ObjectAddress column;
 		int			attnum = -1;
@@ -134,10 +137,11 @@ ck_trigger_created(Oid tgoid)
 }
 
 /*
- * The same for a trigger that exists already (pg_upgrade recreating it, or
- * one created before cachekit 0.2.0): one that does not pass the checks
- * is reported with a warning and left as it is, rather than failing the
- * upgrade. Returns whether it passed.
+ * The same for a trigger created before cachekit 0.2.0: one that does not
+ * pass the checks is reported with a warning and left as it is, rather
+ * than failing the upgrade. Returns whether it passed. The caller must
+ * have made its earlier catalog changes visible (a subtransaction cannot
+ * start with invalidations of the current command pending).
  */
 static bool
 ck_trigger_created_quietly(Oid tgoid)
@@ -150,7 +154,7 @@ ck_trigger_created_quietly(Oid tgoid)
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		ck_trigger_created(tgoid);
+		ck_trigger_created(tgoid, true);
 		ReleaseCurrentSubTransaction();
 	}
 	PG_CATCH();
@@ -183,10 +187,11 @@ ck_object_access(ObjectAccessType access, Oid classId, Oid objectId, int subId, 
 		prev_object_access(access, classId, objectId, subId, arg);
 	if (access != OAT_POST_CREATE || classId != TriggerRelationId || subId != 0)
 		return;
-	if (IsBinaryUpgrade)
-		ck_trigger_created_quietly(objectId);
-	else
-		ck_trigger_created(objectId);
+	/*
+	 * pg_upgrade must recreate every trigger the old cluster held, valid or
+	 * not: it gets its dependencies, unchecked.
+	 */
+	ck_trigger_created(objectId, !IsBinaryUpgrade);
 }
 
 /*
@@ -227,6 +232,7 @@ cachekit_check_triggers(PG_FUNCTION_ARGS)
 		LockRelationOid(lfirst_oid(lc2), ShareRowExclusiveLock);
 		if (!ck_trigger_created_quietly(lfirst_oid(lc)))
 			failed++;
+		CommandCounterIncrement();
 	}
 	PG_RETURN_INT64(failed);
 }

@@ -386,6 +386,20 @@ ck_append_value(CkTemplatePart *part, Datum value, StringInfo out)
 	}
 }
 
+/* The attribute number of column "name" of a row type, or InvalidAttrNumber. */
+AttrNumber
+ck_column_attnum(TupleDesc tupdesc, const char *name)
+{
+	for (int a = 0; a < tupdesc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(tupdesc, a);
+
+		if (!att->attisdropped && strcmp(NameStr(att->attname), name) == 0)
+			return a + 1;
+	}
+	return InvalidAttrNumber;
+}
+
 /*
  * Resolve the template's columns against a table's row type.
  * Returns NULL on success, or a message naming the unknown column (or the
@@ -398,23 +412,14 @@ ck_template_bind(CkTemplate *tpl, TupleDesc tupdesc, int *sqlstate)
 	for (int i = 0; i < tpl->nparts; i++)
 	{
 		CkTemplatePart *part = &tpl->parts[i];
-		AttrNumber	attnum = InvalidAttrNumber;
+		AttrNumber	attnum;
 		Oid			typid;
 		Oid			outfunc;
 		bool		varlena;
 
 		if (part->column == NULL)
 			continue;
-		for (int a = 0; a < tupdesc->natts; a++)
-		{
-			Form_pg_attribute att = TupleDescAttr(tupdesc, a);
-
-			if (!att->attisdropped && strcmp(NameStr(att->attname), part->column) == 0)
-			{
-				attnum = a + 1;
-				break;
-			}
-		}
+		attnum = ck_column_attnum(tupdesc, part->column);
 		*sqlstate = ERRCODE_UNDEFINED_COLUMN;
 		if (attnum == InvalidAttrNumber)
 			return psprintf("column \"%s\" does not exist", part->column);

@@ -118,39 +118,52 @@ ck_parse_template(Relation rel, Trigger *tg, int argno, const char *source, CkTe
 		ck_bad_argument(rel, tg, argno, sqlstate, problem);
 }
 
+/*
+ * The next name of a "columns=" list at *p, without its surrounding
+ * spaces, as [*start, *end); *p moves past it and its comma. False when
+ * the list is done.
+ */
+static bool
+ck_list_next(const char **p, const char **start, const char **end)
+{
+	const char *comma;
+
+	if (*p == NULL)
+		return false;
+	comma = strchr(*p, ',');
+	*start = *p;
+	*end = comma ? comma : *p + strlen(*p);
+	while (*start < *end && **start == ' ')
+		(*start)++;
+	while (*end > *start && (*end)[-1] == ' ')
+		(*end)--;
+	*p = comma ? comma + 1 : NULL;
+	return true;
+}
+
 /* Parse "columns=a,b,c" of a write-through trigger into attribute numbers. */
 static void
 ck_parse_columns(Relation rel, Trigger *tg, int argno, const char *list, CkTriggerConfig *cfg)
 {
 	TupleDesc	tupdesc = RelationGetDescr(rel);
 	const char *p = list;
+	const char *start;
+	const char *end;
 
 	cfg->columns = palloc(sizeof(AttrNumber) * (tupdesc->natts + 1));
 	cfg->ncolumns = 0;
 	cfg->columns_listed = true;
 	if (*list == '\0')
 		ck_bad_argument(rel, tg, argno, ERRCODE_INVALID_PARAMETER_VALUE, "no columns listed");
-	for (;;)
+	while (ck_list_next(&p, &start, &end))
 	{
-		const char *comma = strchr(p, ',');
-		const char *end = comma ? comma : p + strlen(p);
 		char	   *name;
-		AttrNumber	attnum = InvalidAttrNumber;
+		AttrNumber	attnum;
 
-		while (p < end && *p == ' ')
-			p++;
-		while (end > p && end[-1] == ' ')
-			end--;
-		if (end == p)
+		if (end == start)
 			ck_bad_argument(rel, tg, argno, ERRCODE_INVALID_PARAMETER_VALUE, "empty column name");
-		name = pnstrdup(p, end - p);
-		for (int a = 0; a < tupdesc->natts; a++)
-		{
-			Form_pg_attribute att = TupleDescAttr(tupdesc, a);
-
-			if (!att->attisdropped && strcmp(NameStr(att->attname), name) == 0)
-				attnum = a + 1;
-		}
+		name = pnstrdup(start, end - start);
+		attnum = ck_column_attnum(tupdesc, name);
 		if (attnum == InvalidAttrNumber)
 			ck_bad_argument(rel, tg, argno, ERRCODE_UNDEFINED_COLUMN,
 							psprintf("column \"%s\" does not exist", name));
@@ -159,9 +172,6 @@ ck_parse_columns(Relation rel, Trigger *tg, int argno, const char *list, CkTrigg
 				ck_bad_argument(rel, tg, argno, ERRCODE_DUPLICATE_COLUMN,
 								psprintf("column \"%s\" is listed twice", name));
 		cfg->columns[cfg->ncolumns++] = attnum;
-		if (comma == NULL)
-			break;
-		p = comma + 1;
 	}
 }
 
@@ -1236,20 +1246,14 @@ ck_columns_rename(const char *list, const char *oldname, const char *newname)
 {
 	StringInfoData out;
 	const char *p = list;
+	const char *start;
+	const char *end;
 	bool		changed = false;
 
 	initStringInfo(&out);
 	appendStringInfoString(&out, "columns=");
-	for (;;)
+	while (ck_list_next(&p, &start, &end))
 	{
-		const char *comma = strchr(p, ',');
-		const char *end = comma ? comma : p + strlen(p);
-		const char *start = p;
-
-		while (start < end && *start == ' ')
-			start++;
-		while (end > start && end[-1] == ' ')
-			end--;
 		if ((size_t) (end - start) == strlen(oldname) && strncmp(start, oldname, end - start) == 0)
 		{
 			appendStringInfoString(&out, newname);
@@ -1257,10 +1261,8 @@ ck_columns_rename(const char *list, const char *oldname, const char *newname)
 		}
 		else
 			appendBinaryStringInfo(&out, start, end - start);
-		if (comma == NULL)
-			break;
-		appendStringInfoChar(&out, ',');
-		p = comma + 1;
+		if (p != NULL)
+			appendStringInfoChar(&out, ',');
 	}
 	return changed ? out.data : NULL;
 }
@@ -1296,4 +1298,41 @@ ck_trigger_arg_rename(Relation rel, Trigger *tg, CkTriggerKind kind, int argno,
 		return renamed;
 	}
 	return NULL;
+}
+
+/*
+ * The columns that a cachekit trigger's arguments name and that exist in
+ * rel, with no check and no error: pg_upgrade recreates whatever triggers
+ * the old cluster held, and records their dependencies through this.
+ */
+Bitmapset *
+ck_trigger_named_columns(Relation rel, Trigger *tg, CkTriggerKind kind)
+{
+	TupleDesc	tupdesc = RelationGetDescr(rel);
+	Bitmapset  *columns = NULL;
+
+	for (int i = 0; i < tg->tgnargs; i++)
+	{
+		const char *rest = tg->tgargs[i];
+		char	   *opt = ck_option_name(tg->tgargs[i], &rest);
+		const char *start;
+		const char *end;
+		CkTemplate	tpl;
+
+		if ((opt == NULL || strcmp(opt, "key") == 0 || strcmp(opt, "tag") == 0) &&
+			ck_template_parse(rest, &tpl) == NULL)
+		{
+			for (int p = 0; p < tpl.nparts; p++)
+				if (tpl.parts[p].column != NULL)
+					columns = bms_add_member(columns, ck_column_attnum(tupdesc, tpl.parts[p].column));
+		}
+		else if (kind == CK_TRIGGER_WRITE_THROUGH && opt != NULL && strcmp(opt, "columns") == 0)
+		{
+			while (ck_list_next(&rest, &start, &end))
+				columns = bms_add_member(columns,
+										 ck_column_attnum(tupdesc, pnstrdup(start, end - start)));
+		}
+	}
+	/* InvalidAttrNumber (0) stands for the names that are not columns */
+	return bms_del_member(columns, InvalidAttrNumber);
 }
