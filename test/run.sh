@@ -123,6 +123,7 @@ as_postgres_make() {                # timeout seconds, make arguments...
         "PATH=$PG_BIN:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
         "HOME=$BUILD_DIR" "LANG=C.UTF-8" "LC_ALL=C.UTF-8"
         "CACHEKIT_BUILD_DIR=$BUILD_DIR"
+        "CACHEKIT_SRC_DIR=$(cd "$SCRIPT_DIR/.." && pwd)"    # the checkout, for tests that ask git
     )
     local v
     for v in PG_TEST_TIMEOUT_DEFAULT PG_TEST_NOCLEAN PG_TEST_PORT_DIR CI; do
