@@ -14,7 +14,7 @@
 #     "dpkg-buildpackage -us -uc -b" there (debian/rules: dh with pg_buildext);
 #  3. runs lintian on the result and fails on any error;
 #  4. installs postgresql-15-cachekit_<version>-1_amd64.deb with its
-#     dependencies (apt-get install ./file.deb) and checks the installed files
+#     dependencies (apt-get install --reinstall ./file.deb) and checks the installed files
 #     against the package (dpkg --verify);
 #  5. runs TAP tests against the installed files (test/run.sh with
 #     CACHEKIT_NO_INSTALL=1, so that nothing is built over them): the smoke
@@ -123,7 +123,9 @@ grep -v 'running with root privileges' "$DEB_DIR/lintian.log" || true
 export DEBIAN_FRONTEND=noninteractive
 if [[ $PG_BIN == "$SYSTEM_PG_BIN" ]]; then
     say "apt-get install $deb"
-    apt-get -o DPkg::Lock::Timeout=600 install -y -q "$DEB_DIR/$deb" </dev/null
+    # --reinstall: the same version may be installed already, with its files
+    # since overwritten by "make install" (test/setup.sh)
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --reinstall "$DEB_DIR/$deb" </dev/null
     dpkg-query -W -f='${Version}\n' "$pkg" | grep -qx "$version-1" \
         || die "$pkg $version-1 is not installed"
     dpkg --verify "$pkg" || die "installed files differ from the package (dpkg --verify)"
