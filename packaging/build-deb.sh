@@ -30,7 +30,8 @@
 #
 # Environment: CACHEKIT_PG_BIN, CACHEKIT_BUILD_DIR, PG_TEST_PORT_DIR as for
 # test/run.sh; CACHEKIT_DEB_DIR is the packaging folder (default
-# <build folder>-deb; the .deb files are left there).
+# <build folder>-deb; the .deb files are left there, and the logs of the
+# tests against the package in its test-build/).
 
 set -euo pipefail
 
@@ -158,6 +159,8 @@ fi
 tests=("${SMOKE_TESTS[@]}")
 [[ $mode == full ]] && tests=()
 say "TAP tests against the installed package: ${tests[*]:-all}"
-CACHEKIT_NO_INSTALL=1 bash "$SRC_DIR/test/run.sh" tap "${tests[@]}" \
+# a build folder of its own, so that the logs of a preceding test/run.sh stay
+CACHEKIT_NO_INSTALL=1 CACHEKIT_BUILD_DIR="$DEB_DIR/test-build" \
+    bash "$SRC_DIR/test/run.sh" tap "${tests[@]}" \
     || die "tests against the installed package failed"
 echo "package $DEB_DIR/$deb: built, lintian clean, installed, tests passed"
