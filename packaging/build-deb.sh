@@ -129,7 +129,9 @@ if [[ $PG_BIN == "$SYSTEM_PG_BIN" ]]; then
     apt-get -o DPkg::Lock::Timeout=600 install -y -q --reinstall "$DEB_DIR/$deb" </dev/null
     dpkg-query -W -f='${Version}\n' "$pkg" | grep -qx "$version-1" \
         || die "$pkg $version-1 is not installed"
-    dpkg --verify "$pkg" || die "installed files differ from the package (dpkg --verify)"
+    # dpkg --verify exits 0 also when it reports changed files: read its output
+    changed=$(dpkg --verify "$pkg" 2>&1) || true
+    [[ -z $changed ]] || { echo "$changed"; die "installed files differ from the package (dpkg --verify)"; }
 else
     # A relocated copy: install the files there, leave the system alone.
     say "checking that apt could install $deb"
@@ -148,8 +150,12 @@ else
     rm -f "$pkglib"/cachekit.so "$share"/extension/cachekit[.-]*
     cp -a "$DEB_DIR/root/usr/lib/postgresql/15/lib/." "$pkglib/"
     cp -a "$DEB_DIR/root/usr/share/postgresql/15/extension/." "$share/extension/"
-    for f in lib/cachekit.so; do
-        cmp "$DEB_DIR/root/usr/lib/postgresql/15/$f" "$pkglib/${f#lib/}" || die "$f differs"
+    (cd "$DEB_DIR/root/usr/lib/postgresql/15/lib" && find . -type f) | while read -r f; do
+        cmp -s "$DEB_DIR/root/usr/lib/postgresql/15/lib/$f" "$pkglib/$f" || die "$pkglib/$f differs from the package"
+    done
+    (cd "$DEB_DIR/root/usr/share/postgresql/15/extension" && find . -type f) | while read -r f; do
+        cmp -s "$DEB_DIR/root/usr/share/postgresql/15/extension/$f" "$share/extension/$f" \
+            || die "$share/extension/$f differs from the package"
     done
 fi
 
