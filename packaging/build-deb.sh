@@ -5,8 +5,8 @@
 # Run as root, from any directory:
 #
 #   bash packaging/build-deb.sh           build, lintian, install, smoke test
-#   bash packaging/build-deb.sh --full    the same, then the whole TAP suite
-#                                         against the installed package
+#   bash packaging/build-deb.sh --full    the same, then the whole suite (pg_regress
+#                                         and TAP) against the installed package
 #   bash packaging/build-deb.sh --build   build and lintian only
 #
 #  1. installs the build dependencies (debian/control) and lintian if missing;
@@ -16,11 +16,11 @@
 #  4. installs postgresql-15-cachekit_<version>-1_amd64.deb with its
 #     dependencies (apt-get install --reinstall ./file.deb) and checks the installed files
 #     against the package (dpkg --verify);
-#  5. runs TAP tests against the installed files (test/run.sh with
+#  5. runs tests against the installed files (test/run.sh with
 #     CACHEKIT_NO_INSTALL=1, so that nothing is built over them): the smoke
 #     test is 010_invalidate (CREATE EXTENSION, triggers, delivery to a real
 #     redis-server) and 180_upgrade (0.1.0 -> current on the packaged
-#     scripts); --full runs every TAP test.
+#     scripts); --full runs pg_regress and every TAP test.
 #
 # With CACHEKIT_PG_BIN pointing to a relocated PostgreSQL copy (a developer
 # machine where several checkouts install side by side), step 4 does not
@@ -53,7 +53,7 @@ case ${1:-} in
     "") ;;
     --full) mode=full ;;
     --build) mode=build ;;
-    -h|--help) sed -n '2,36p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (try --help)" ;;
 esac
 
@@ -162,11 +162,11 @@ fi
 # ---------------------------------------------------------------------------
 # 5. tests against the installed files
 # ---------------------------------------------------------------------------
-tests=("${SMOKE_TESTS[@]}")
-[[ $mode == full ]] && tests=()
-say "TAP tests against the installed package: ${tests[*]:-all}"
+run_args=(tap "${SMOKE_TESTS[@]}")
+[[ $mode == full ]] && run_args=()          # pg_regress and every TAP test
+say "tests against the installed package: ${run_args[*]:-everything}"
 # a build folder of its own, so that the logs of a preceding test/run.sh stay
-CACHEKIT_NO_INSTALL=1 CACHEKIT_BUILD_DIR="$DEB_DIR/test-build" \
-    bash "$SRC_DIR/test/run.sh" tap "${tests[@]}" \
+CACHEKIT_NO_INSTALL=1 CACHEKIT_DEB_STAGE=0 CACHEKIT_BUILD_DIR="$DEB_DIR/test-build" \
+    bash "$SRC_DIR/test/run.sh" "${run_args[@]}" \
     || die "tests against the installed package failed"
 echo "package $DEB_DIR/$deb: built, lintian clean, installed, tests passed"
