@@ -16,9 +16,10 @@
 # pg_dump uses (pg_init_privs); comments; and the extension's own row
 # (version, configuration tables for pg_dump).
 #
-# Column options named pg_* are left out: the server build here stamps
-# columns with a pg_attver option whose value differs between any two
-# databases, whatever they hold.
+# Column options named pg_* are left out: they are reserved for the server's
+# own use (PostgreSQL 15's recent minor releases store an attribute version
+# as pg_attver, ATTRIBUTE_VERSION_ATTOPTION in catalog/pg_attribute.h, and
+# pg_dump skips it), and their values differ between any two databases.
 
 package CachekitCatalog;
 
