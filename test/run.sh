@@ -3,10 +3,15 @@
 #
 # Run as root, from any directory:
 #
-#   bash test/run.sh                     everything: pg_regress, then all TAP tests
+#   bash test/run.sh                     everything: pg_regress, all TAP tests, then the
+#                                        Debian package stage (below)
 #   bash test/run.sh regress             only the pg_regress tests
 #   bash test/run.sh tap                 only the TAP tests (test/t/*.pl)
 #   bash test/run.sh tap test/t/001_harness.pl ...   only these TAP tests
+#   bash test/run.sh deb                 only the Debian package stage: packaging/build-deb.sh
+#                                        builds the .deb, runs lintian, installs it over the
+#                                        make-installed files and runs a smoke test against
+#                                        them (so it runs last); CACHEKIT_DEB_STAGE=0 skips it
 #
 # It calls test/setup.sh (packages, build as postgres, make install), then,
 # as the postgres user in the build folder, "make installcheck": pg_regress
@@ -24,6 +29,7 @@
 #   CACHEKIT_TAP_TIMEOUT      seconds allowed for the TAP tests (default 1800)
 #   CACHEKIT_PG_BIN           PostgreSQL 15 bin folder (default /usr/lib/postgresql/15/bin);
 #                             a relocated copy lets several checkouts install side by side
+#   CACHEKIT_DEB_STAGE        0: skip the Debian package stage of a full run
 #   PG_TEST_TIMEOUT_DEFAULT, PG_TEST_NOCLEAN and PG_TEST_PORT_DIR are passed through.
 
 set -uo pipefail
@@ -43,13 +49,14 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 2; }
 [[ $(id -u) -eq 0 ]] || die "must be run as root (it installs packages and runs make install)"
 
 # ---- arguments ------------------------------------------------------------
-run_regress=1 run_tap=1
+run_regress=1 run_tap=1 run_deb=${CACHEKIT_DEB_STAGE:-1}
 tap_files=()
 case ${1:-} in
     "") ;;
-    regress) run_tap=0; shift ;;
-    tap) run_regress=0; shift; tap_files=("$@") ;;
-    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    regress) run_tap=0 run_deb=0; shift ;;
+    tap) run_regress=0 run_deb=0; shift; tap_files=("$@") ;;
+    deb) run_regress=0 run_tap=0 run_deb=1; shift ;;
+    -h|--help) sed -n '2,33p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (try --help)" ;;
 esac
 for f in "${tap_files[@]}"; do
@@ -116,6 +123,7 @@ as_postgres_make() {                # timeout seconds, make arguments...
         "PATH=$PG_BIN:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
         "HOME=$BUILD_DIR" "LANG=C.UTF-8" "LC_ALL=C.UTF-8"
         "CACHEKIT_BUILD_DIR=$BUILD_DIR"
+        "CACHEKIT_SRC_DIR=$(cd "$SCRIPT_DIR/.." && pwd)"    # the checkout, for tests that ask git
     )
     local v
     for v in PG_TEST_TIMEOUT_DEFAULT PG_TEST_NOCLEAN PG_TEST_PORT_DIR CI; do
@@ -136,7 +144,7 @@ show_tail() {                       # file, lines
     tail -n "$2" "$1"
 }
 
-regress_rc=skipped tap_rc=skipped
+regress_rc=skipped tap_rc=skipped deb_rc=skipped
 
 # ---- pg_regress -----------------------------------------------------------
 if ((run_regress)); then
@@ -201,15 +209,24 @@ if ((run_tap)); then
     fi
 fi
 
+# ---- Debian package (last: it installs over the make-installed files) ----------
+if ((run_deb)); then
+    say "Debian package (packaging/build-deb.sh: build, lintian, install, smoke test)"
+    bash "$SCRIPT_DIR/../packaging/build-deb.sh"
+    deb_rc=$?
+fi
+
 # ---- summary ------------------------------------------------------------------
 verdict() { case $1 in skipped) echo skipped ;; 0) echo PASS ;; *) echo "FAIL (exit $1)" ;; esac; }
 say "summary"
 echo "  pg_regress: $(verdict "$regress_rc")"
 echo "  TAP:        $(verdict "$tap_rc")"
+echo "  package:    $(verdict "$deb_rc")"
 echo "  logs:       $BUILD_DIR (regression.diffs, log/postmaster.log, tmp_check/log)"
 
 [[ $regress_rc == 0 || $regress_rc == skipped ]] || exit 1
 [[ $tap_rc == 0 || $tap_rc == skipped ]] || exit 1
-if ((run_regress == 0 && run_tap == 0)); then exit 1; fi
+[[ $deb_rc == 0 || $deb_rc == skipped ]] || exit 1
+if ((run_regress == 0 && run_tap == 0 && run_deb == 0)); then exit 1; fi
 echo "  all tests passed"
 exit 0

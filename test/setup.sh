@@ -29,7 +29,9 @@ MAKE_FLAGS=(with_llvm=no "PG_CONFIG=$PG_CONFIG")
 MARKER=.cachekit-build-dir
 
 PACKAGES=(postgresql-15 postgresql-server-dev-15 libhiredis-dev redis-server
-          redis-tools libipc-run-perl make gcc)
+          redis-tools libipc-run-perl make gcc
+          postgresql-server-dev-all debhelper dpkg-dev fakeroot lintian libssl-dev
+          prometheus-postgres-exporter)
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'setup.sh: %s\n' "$*" >&2; exit 1; }
@@ -104,9 +106,15 @@ say "building (make ${MAKE_FLAGS[*]})"
         make -j"$jobs" "${MAKE_FLAGS[@]}") \
     || die "build failed in $BUILD_DIR"
 
+# CACHEKIT_NO_INSTALL=1: test the files installed already (packaging/build-deb.sh
+# runs the tests against the installed Debian package this way)
+if [[ ${CACHEKIT_NO_INSTALL:-} == 1 ]]; then
+    say "not installing (CACHEKIT_NO_INSTALL=1): testing the files installed already"
+else
 say "installing (make install ${MAKE_FLAGS[*]})"
 (cd "$BUILD_DIR" && env PATH="$PG_BIN:$PATH" make install "${MAKE_FLAGS[@]}" >/dev/null) \
     || die "make install failed in $BUILD_DIR"
+fi
 
 say "cachekit installed into $("$PG_CONFIG" --pkglibdir) and $("$PG_CONFIG" --sharedir)/extension"
 echo "CACHEKIT_BUILD_DIR=$BUILD_DIR"
