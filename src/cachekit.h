@@ -71,7 +71,9 @@ typedef struct CachekitShared
 	TimestampTz last_delivery_at;
 	ConditionVariable delivered_cv; /* broadcast after each delivered batch */
 	pg_atomic_uint32 wake_requested;	/* set by committers, cleared by each pass */
-	Oid			floor_queue;	/* the queue delivered_floor belongs to */
+	Oid			floor_database; /* the database and queue delivered_floor */
+	Oid			floor_queue;	/* belongs to (a copied database has the
+								 * same queue OID) */
 	int64		delivered_floor;	/* every entry below it is delivered */
 	pg_atomic_uint64 keys_deleted;
 	pg_atomic_uint64 tags_flushed;
