@@ -199,6 +199,7 @@ ck_shmem_startup(void)
 		pg_atomic_init_u64(&ck_shared->failed_attempts, 0);
 		pg_atomic_init_u64(&ck_shared->dead_lettered, 0);
 		pg_atomic_init_u32(&ck_shared->wake_requested, 0);
+		pg_atomic_init_u64(&ck_shared->passes, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -383,10 +384,32 @@ void
 ck_publish_floor(Oid queue, int64 floor)
 {
 	SpinLockAcquire(&ck_shared->mutex);
+	if (ck_shared->floor_database != MyDatabaseId || ck_shared->floor_queue != queue)
+		ck_shared->drained_pass = 0;
 	ck_shared->floor_database = MyDatabaseId;
 	ck_shared->floor_queue = queue;
 	ck_shared->delivered_floor = floor;
 	SpinLockRelease(&ck_shared->mutex);
+}
+
+/*
+ * Tell cachekit_wait that pass "pass" over this database's queue left
+ * nothing undelivered that had committed before its snapshot, and wake the
+ * waiters.
+ */
+void
+ck_publish_drained(Oid queue, uint64 pass)
+{
+	SpinLockAcquire(&ck_shared->mutex);
+	if (ck_shared->floor_database != MyDatabaseId || ck_shared->floor_queue != queue)
+	{
+		ck_shared->floor_database = MyDatabaseId;
+		ck_shared->floor_queue = queue;
+		ck_shared->delivered_floor = 0;
+	}
+	ck_shared->drained_pass = pass;
+	SpinLockRelease(&ck_shared->mutex);
+	ConditionVariableBroadcast(&ck_shared->delivered_cv);
 }
 
 /* Record the worker's most recent error for cachekit_stats. */

@@ -75,6 +75,11 @@ typedef struct CachekitShared
 	Oid			floor_queue;	/* belongs to (a copied database has the
 								 * same queue OID) */
 	int64		delivered_floor;	/* every entry below it is delivered */
+	uint64		drained_pass;	/* of that queue too: the latest pass that
+								 * left nothing committed before its
+								 * snapshot undelivered */
+	pg_atomic_uint64 passes;	/* passes begun: pass p takes its snapshot
+								 * after this counter reached p */
 	pg_atomic_uint64 keys_deleted;
 	pg_atomic_uint64 tags_flushed;
 	pg_atomic_uint64 tag_keys_deleted;
@@ -91,6 +96,7 @@ extern void ck_wake_worker(void);
 extern void ck_wake_worker_once(void);
 extern void ck_set_last_error(const char *msg);
 extern void ck_publish_floor(Oid queue, int64 floor);
+extern void ck_publish_drained(Oid queue, uint64 pass);
 
 /*---- templates (template.c) ----*/
 

@@ -463,7 +463,37 @@ ck_work_pending(Oid relid, Snapshot start)
 	return found;
 }
 
-/* cachekit_wait(timeout interval): wait until work committed before the call is delivered. */
+/*
+ * Has the worker finished a pass, begun after "pass" was counted, that left
+ * nothing undelivered that had committed before its snapshot? That
+ * snapshot was taken after the caller's, so the caller's work is delivered.
+ */
+static bool
+ck_drained_since(Oid relid, uint64 pass)
+{
+	bool		drained;
+
+	SpinLockAcquire(&ck_shared->mutex);
+	drained = ck_shared->floor_database == MyDatabaseId &&
+		ck_shared->floor_queue == relid && ck_shared->drained_pass > pass;
+	SpinLockRelease(&ck_shared->mutex);
+	return drained;
+}
+
+/* the first and the longest wait between two scans of the queue in cachekit_wait */
+#define CK_WAIT_SCAN_FIRST_MS 20
+#define CK_WAIT_SCAN_MAX_MS 1000
+
+/*
+ * cachekit_wait(timeout interval): wait until work committed before the
+ * call is delivered.
+ *
+ * Waiting costs the worker nothing: the worker says after each pass that
+ * drained its queue which pass that was, and a waiter is done once a pass
+ * that began after its call has. Only when that does not come (a backlog
+ * larger than a batch, an entry Redis keeps refusing) does the waiter look
+ * at the queue itself, less and less often.
+ */
 Datum
 cachekit_wait(PG_FUNCTION_ARGS)
 {
@@ -472,7 +502,10 @@ cachekit_wait(PG_FUNCTION_ARGS)
 	Oid			relid = ck_queue_relid(nspid);
 	int64		timeout_us;
 	TimestampTz deadline;
+	TimestampTz next_scan;
+	int			scan_delay = CK_WAIT_SCAN_FIRST_MS;
 	Snapshot	start;
+	uint64		pass;
 	bool		done;
 
 	timeout_us = ((int64) timeout->month * DAYS_PER_MONTH + timeout->day) * USECS_PER_DAY
@@ -484,21 +517,35 @@ cachekit_wait(PG_FUNCTION_ARGS)
 	deadline = GetCurrentTimestamp() + timeout_us;
 
 	start = RegisterSnapshot(GetLatestSnapshot());
+	pass = pg_atomic_read_u64(&ck_shared->passes);
 	ck_wake_worker();
-	for (;;)
+	done = !ck_work_pending(relid, start);
+	next_scan = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), scan_delay);
+	while (!done)
 	{
-		TimestampTz now;
-		long		left_ms;
+		TimestampTz now = GetCurrentTimestamp();
+		long		sleep_ms;
 
-		done = !ck_work_pending(relid, start);
-		if (done)
+		if (ck_drained_since(relid, pass))
+		{
+			done = true;
 			break;
-		now = GetCurrentTimestamp();
+		}
+		if (now >= next_scan)
+		{
+			if (!ck_work_pending(relid, start))
+			{
+				done = true;
+				break;
+			}
+			scan_delay = Min(scan_delay * 2, CK_WAIT_SCAN_MAX_MS);
+			next_scan = TimestampTzPlusMilliseconds(now, scan_delay);
+		}
 		if (now >= deadline)
 			break;
-		left_ms = (long) ((deadline - now + 999) / 1000);
-		/* the worker broadcasts after every batch; poll slowly as a fallback */
-		ConditionVariableTimedSleep(&ck_shared->delivered_cv, Min(left_ms, 100),
+		sleep_ms = (long) ((Min(deadline, next_scan) - now + 999) / 1000);
+		/* the worker broadcasts after every batch and every drained pass */
+		ConditionVariableTimedSleep(&ck_shared->delivered_cv, Max(sleep_ms, 1),
 									PG_WAIT_EXTENSION);
 	}
 	ConditionVariableCancelSleep();

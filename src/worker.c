@@ -659,10 +659,13 @@ ck_pass(MemoryContext batch_cxt)
 	bool		transient = false;
 	bool		ok;
 	MemoryContext old;
+	uint64		pass_no;
+	bool		settled;
 
 	/* commits from now on must wake us again: their work may miss this read */
 	pg_atomic_write_u32(&ck_shared->wake_requested, 0);
-	pg_memory_barrier();
+	/* and this pass's snapshot is taken after the count says it began */
+	pass_no = pg_atomic_add_fetch_u64(&ck_shared->passes, 1);
 
 	ck_begin("reading queue");
 	if (ck_prepare_plans())
@@ -679,6 +682,9 @@ ck_pass(MemoryContext batch_cxt)
 
 	if (n == 0)
 	{
+		/* nothing committed before this pass's snapshot waits */
+		if (OidIsValid(batch_ext))
+			ck_publish_drained(plans_queue, pass_no);
 		/* connect while idle too, so cachekit_stats tells whether Redis is up */
 		if (OidIsValid(batch_ext) && !ck_redis_connected())
 			(void) ck_ensure_connection();
@@ -719,12 +725,16 @@ ck_pass(MemoryContext batch_cxt)
 	 * ids may repeat the old ones, so nothing of it may be touched.
 	 */
 	ck_begin("settling batch");
-	if (ck_prepare_plans() && plans_ext == batch_ext)
+	settled = ck_prepare_plans() && plans_ext == batch_ext;
+	if (settled)
 	{
 		ck_settle_batch(entries, n, read_filenode);
 		ck_advance_floor(plans_queue, entries, n, covered);
 	}
 	ck_commit();
+	/* a short batch with nothing left behind: the queue is drained up to it */
+	if (settled && n < ck_batch_size && !refused && !transient)
+		ck_publish_drained(plans_queue, pass_no);
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
 	pg_atomic_fetch_add_u64(&ck_shared->tags_flushed, stats.tags_flushed);
