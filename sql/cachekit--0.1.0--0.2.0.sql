@@ -40,3 +40,25 @@ AS $$
 	)
 	SELECT pg_catalog.count(*) FROM queued;
 $$;
+
+-- ---- logical replication (issue 9): a subscriber of a FOR ALL TABLES ----
+-- publication keeps its own queue. In the apply worker only (ENABLE
+-- REPLICA), the publisher's new queue rows get ids of the subscriber's own
+-- and write-through entries become deletes (they are dropped where the
+-- library is not preloaded); the publisher's updates and deletes of queue
+-- rows, and its dead letters, are skipped. See src/replica.c.
+CREATE FUNCTION @extschema@.cachekit_replica_guard()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'cachekit_replica_guard'
+LANGUAGE C;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_replica_guard() FROM PUBLIC;
+
+CREATE TRIGGER cachekit_replica_guard
+	BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.cachekit_queue
+	FOR EACH ROW EXECUTE FUNCTION @extschema@.cachekit_replica_guard();
+ALTER TABLE @extschema@.cachekit_queue ENABLE REPLICA TRIGGER cachekit_replica_guard;
+
+CREATE TRIGGER cachekit_replica_guard
+	BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.cachekit_dead_letter
+	FOR EACH ROW EXECUTE FUNCTION @extschema@.cachekit_replica_guard();
+ALTER TABLE @extschema@.cachekit_dead_letter ENABLE REPLICA TRIGGER cachekit_replica_guard;
