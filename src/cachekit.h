@@ -175,8 +175,12 @@ extern bool ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **e
 
 /*---- the worker (worker.c) ----*/
 
-extern void ck_register_worker(void);
 PGDLLEXPORT void cachekit_worker_main(Datum arg);
+
+/*---- the launcher (launcher.c) ----*/
+
+extern void ck_register_worker(void);
+PGDLLEXPORT void cachekit_launcher_main(Datum arg);
 
 /*---- Redis (redis.c): the only part that includes hiredis ----*/
 

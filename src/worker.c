@@ -88,24 +88,6 @@ static TimestampTz last_vacuum = 0;
 
 static char *current_host = NULL;	/* for messages, without the password */
 
-/* Register the worker with the postmaster (from _PG_init). */
-void
-ck_register_worker(void)
-{
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	/* never on a standby: it starts once the server is promoted */
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 5;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "cachekit");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "cachekit_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "cachekit worker");
-	snprintf(worker.bgw_type, BGW_MAXLEN, "cachekit worker");
-	RegisterBackgroundWorker(&worker);
-}
-
 /* Exit callback: stop advertising our latch. */
 static void
 ck_worker_exit(int code, Datum arg)
@@ -958,7 +940,8 @@ cachekit_worker_main(Datum arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(ck_database, NULL, 0);
+	/* the launcher found cachekit.database under this OID */
+	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(arg), InvalidOid, 0);
 
 	ck_pin_settings();
 
