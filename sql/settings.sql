@@ -28,6 +28,7 @@ CREATE TRIGGER watched_cache AFTER INSERT OR UPDATE ON watched
 	FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('w:{id}');
 GRANT INSERT, UPDATE, SELECT ON watched TO ck_writer;
 GRANT SELECT ON cachekit_stats TO ck_monitor;
+GRANT EXECUTE ON FUNCTION cachekit_worker_state() TO ck_monitor;
 GRANT EXECUTE ON FUNCTION cachekit_wait(interval) TO ck_monitor;
 
 SET ROLE ck_writer;
@@ -64,6 +65,16 @@ SELECT cachekit_wait('0');
 SELECT count(*) FROM cachekit_queue;
 SHOW cachekit.redis_url;
 RESET ROLE;
+
+-- the worker's state is not for everyone: not executable by PUBLIC,
+-- while pg_monitor members may read the stats
+SET ROLE ck_writer;
+SELECT worker_pid FROM cachekit_worker_state();
+SELECT queue_depth FROM cachekit_stats;
+RESET ROLE;
+SELECT has_function_privilege('public', 'cachekit_worker_state()', 'EXECUTE') AS public_may_execute,
+	   has_function_privilege('pg_monitor', 'cachekit_worker_state()', 'EXECUTE') AS pg_monitor_may_execute,
+	   has_table_privilege('pg_monitor', 'cachekit_stats', 'SELECT') AS pg_monitor_may_read;
 
 DROP TABLE watched;
 DROP EXTENSION cachekit;

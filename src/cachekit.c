@@ -10,6 +10,8 @@
  */
 #include "cachekit.h"
 
+#include <ctype.h>
+
 #include "access/htup_details.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -203,6 +205,7 @@ ck_shmem_startup(void)
 		pg_atomic_init_u64(&ck_shared->failed_attempts, 0);
 		pg_atomic_init_u64(&ck_shared->dead_lettered, 0);
 		pg_atomic_init_u32(&ck_shared->wake_requested, 0);
+		pg_atomic_init_u64(&ck_shared->passes, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -229,31 +232,47 @@ check_tag_prefix(char **newval, void **extra, GucSource source)
 	return *newval != NULL;
 }
 
+/* Case-insensitive strstr. */
+static const char *
+ck_strcasestr(const char *haystack, const char *needle)
+{
+	size_t		len = strlen(needle);
+
+	for (; *haystack; haystack++)
+		if (pg_strncasecmp(haystack, needle, len) == 0)
+			return haystack;
+	return NULL;
+}
+
 /*
- * A copy of msg with the credentials of every "scheme://user:password@"
- * replaced by "***", or NULL when there are none.
+ * A copy of msg with secrets replaced by "***", or NULL when it has none:
+ * the credentials of every "scheme://credentials@host" (up to the last '@'
+ * before the next URL, so that a password holding quotes, spaces, '/' or
+ * '@' is covered whole; masking too much is harmless), and everything after
+ * the name of a cachekit setting whose name says "password".
  */
 static char *
-ck_mask_credentials(const char *msg)
+ck_mask_secrets(const char *msg)
 {
 	StringInfoData out;
 	const char *p = msg;
+	const char *setting;
 	bool		masked = false;
 
 	initStringInfo(&out);
 	for (;;)
 	{
 		const char *scheme = strstr(p, "://");
-		const char *end;
+		const char *next;
 		const char *at = NULL;
 
 		if (scheme == NULL)
 			break;
 		scheme += 3;
-		/* the credentials end at the last '@' before the end of the URL */
-		for (end = scheme; *end && *end != '"' && *end != '\'' && *end != ' ' && *end != '/'; end++)
-			if (*end == '@')
-				at = end;
+		next = strstr(scheme, "://");
+		for (const char *q = scheme; *q && (next == NULL || q < next); q++)
+			if (*q == '@')
+				at = q;
 		appendBinaryStringInfo(&out, p, scheme - p);
 		if (at)
 		{
@@ -265,6 +284,25 @@ ck_mask_credentials(const char *msg)
 			p = scheme;
 	}
 	appendStringInfoString(&out, p);
+
+	/* cachekit.<name with "password"> = value: cut after the name */
+	for (setting = ck_strcasestr(out.data, "cachekit."); setting;
+		 setting = ck_strcasestr(setting + 1, "cachekit."))
+	{
+		const char *end = setting + 9;
+
+		while (*end == '_' || isalnum((unsigned char) *end))
+			end++;
+		if (ck_strcasestr(pnstrdup(setting, end - setting), "password") &&
+			*end != '\0')
+		{
+			out.len = end - out.data;
+			out.data[out.len] = '\0';
+			appendStringInfoString(&out, " ***");
+			masked = true;
+			break;
+		}
+	}
 	if (!masked)
 	{
 		pfree(out.data);
@@ -273,22 +311,43 @@ ck_mask_credentials(const char *msg)
 	return out.data;
 }
 
+/* Mask the secrets of one message field in place. */
+static bool
+ck_mask_field(char **field)
+{
+	char	   *masked;
+
+	if (*field == NULL)
+		return false;
+	masked = ck_mask_secrets(*field);
+	if (masked == NULL)
+		return false;
+	*field = masked;
+	return true;
+}
+
 /*
- * emit_log_hook: messages that mention cachekit.redis_url (PostgreSQL's own
- * "parameter changed to" line, a logged ALTER SYSTEM) lose the password.
+ * emit_log_hook: a message about a cachekit setting (PostgreSQL's own
+ * "parameter changed to" line, a logged or refused ALTER SYSTEM or SET, a
+ * misspelt setting name in any letter case) never shows its statement,
+ * which may hold a password, and loses the secrets of its own text.
  */
 static void
 ck_emit_log(ErrorData *edata)
 {
-	if (edata->message && strstr(edata->message, "cachekit.redis_url"))
-	{
-		char	   *masked = ck_mask_credentials(edata->message);
+	/* hints are cachekit's or PostgreSQL's own words, never a value */
+	char	  **fields[] = {&edata->message, &edata->detail, &edata->detail_log,
+		&edata->context, &edata->internalquery};
+	bool		about_settings = false;
 
-		if (masked)
-		{
-			edata->message = masked;
-			edata->hide_stmt = true;
-		}
+	for (int i = 0; i < (int) lengthof(fields); i++)
+		if (*fields[i] && ck_strcasestr(*fields[i], "cachekit."))
+			about_settings = true;
+	if (about_settings)
+	{
+		edata->hide_stmt = true;
+		for (int i = 0; i < (int) lengthof(fields); i++)
+			(void) ck_mask_field(fields[i]);
 	}
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);
@@ -331,9 +390,32 @@ void
 ck_publish_floor(Oid queue, int64 floor)
 {
 	SpinLockAcquire(&ck_shared->mutex);
+	if (ck_shared->floor_database != MyDatabaseId || ck_shared->floor_queue != queue)
+		ck_shared->drained_pass = 0;
+	ck_shared->floor_database = MyDatabaseId;
 	ck_shared->floor_queue = queue;
 	ck_shared->delivered_floor = floor;
 	SpinLockRelease(&ck_shared->mutex);
+}
+
+/*
+ * Tell cachekit_wait that pass "pass" over this database's queue left
+ * nothing undelivered that had committed before its snapshot, and wake the
+ * waiters.
+ */
+void
+ck_publish_drained(Oid queue, uint64 pass)
+{
+	SpinLockAcquire(&ck_shared->mutex);
+	if (ck_shared->floor_database != MyDatabaseId || ck_shared->floor_queue != queue)
+	{
+		ck_shared->floor_database = MyDatabaseId;
+		ck_shared->floor_queue = queue;
+		ck_shared->delivered_floor = 0;
+	}
+	ck_shared->drained_pass = pass;
+	SpinLockRelease(&ck_shared->mutex);
+	ConditionVariableBroadcast(&ck_shared->delivered_cv);
 }
 
 /* Record the worker's most recent error for cachekit_stats. */

@@ -71,8 +71,15 @@ typedef struct CachekitShared
 	TimestampTz last_delivery_at;
 	ConditionVariable delivered_cv; /* broadcast after each delivered batch */
 	pg_atomic_uint32 wake_requested;	/* set by committers, cleared by each pass */
-	Oid			floor_queue;	/* the queue delivered_floor belongs to */
+	Oid			floor_database; /* the database and queue delivered_floor */
+	Oid			floor_queue;	/* belongs to (a copied database has the
+								 * same queue OID) */
 	int64		delivered_floor;	/* every entry below it is delivered */
+	uint64		drained_pass;	/* of that queue too: the latest pass that
+								 * left nothing committed before its
+								 * snapshot undelivered */
+	pg_atomic_uint64 passes;	/* passes begun: pass p takes its snapshot
+								 * after this counter reached p */
 	pg_atomic_uint64 keys_deleted;
 	pg_atomic_uint64 tags_flushed;
 	pg_atomic_uint64 tag_keys_deleted;
@@ -89,6 +96,7 @@ extern void ck_wake_worker(void);
 extern void ck_wake_worker_once(void);
 extern void ck_set_last_error(const char *msg);
 extern void ck_publish_floor(Oid queue, int64 floor);
+extern void ck_publish_drained(Oid queue, uint64 pass);
 
 /*---- templates (template.c) ----*/
 
@@ -219,8 +227,12 @@ extern bool ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **e
 
 /*---- the worker (worker.c) ----*/
 
-extern void ck_register_worker(void);
 PGDLLEXPORT void cachekit_worker_main(Datum arg);
+
+/*---- the launcher (launcher.c) ----*/
+
+extern void ck_register_worker(void);
+PGDLLEXPORT void cachekit_launcher_main(Datum arg);
 
 /*---- Redis (redis.c): the only part that includes hiredis ----*/
 

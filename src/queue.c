@@ -20,9 +20,12 @@
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/index.h"
+#include "executor/executor.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "tcop/utility.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -34,6 +37,11 @@
 
 /* did this transaction enqueue anything? then wake the worker at commit */
 static bool enqueued_in_xact = false;
+
+static ProcessUtility_hook_type prev_process_utility = NULL;
+
+static bool ck_index_values(Relation rel, IndexInfo *info, HeapTuple tuple, EState **estate,
+							Datum *values, bool *isnull);
 
 
 PG_FUNCTION_INFO_V1(cachekit_delete);
@@ -55,7 +63,7 @@ ck_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
-			/* a prepared transaction is found by the worker's safety timer */
+			/* COMMIT PREPARED wakes the worker (ck_process_utility) */
 			enqueued_in_xact = false;
 			break;
 		default:
@@ -63,11 +71,38 @@ ck_xact_callback(XactEvent event, void *arg)
 	}
 }
 
-/* Called from _PG_init: install the commit callback in every backend. */
+/*
+ * ProcessUtility hook: COMMIT PREPARED wakes the worker. The transaction
+ * that enqueued was prepared, perhaps by another session, so no commit
+ * callback of its own can; the committing session does not know whether it
+ * enqueued anything, and a needless wake-up costs one empty pass.
+ */
+static void
+ck_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+				   ProcessUtilityContext context, ParamListInfo params,
+				   QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	Node	   *stmt = pstmt->utilityStmt;
+
+	if (prev_process_utility)
+		prev_process_utility(pstmt, queryString, readOnlyTree, context, params,
+							 queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
+								queryEnv, dest, qc);
+
+	if (IsA(stmt, TransactionStmt) &&
+		((TransactionStmt *) stmt)->kind == TRANS_STMT_COMMIT_PREPARED)
+		ck_wake_worker();
+}
+
+/* Called from _PG_init: install the commit callback and hook in every backend. */
 void
 ck_queue_init(void)
 {
 	RegisterXactCallback(ck_xact_callback, NULL);
+	prev_process_utility = ProcessUtility_hook;
+	ProcessUtility_hook = ck_process_utility;
 }
 
 /* Remember that the current transaction has work for the worker. */
@@ -201,6 +236,78 @@ ck_queue_layout(Relation rel, Oid nspid)
 }
 
 /*
+ * Insert a new queue row's entry into one index, as the executor would: an
+ * index that CREATE INDEX CONCURRENTLY or REINDEX CONCURRENTLY has not made
+ * ready for inserts yet gets nothing (its build will see the row), a
+ * partial index only rows its predicate accepts, and expressions are
+ * computed. The executor state for that is made on first need (*estate).
+ */
+static void
+ck_index_insert(Relation rel, Oid indexoid, HeapTuple tuple, EState **estate)
+{
+	Relation	index = index_open(indexoid, RowExclusiveLock);
+	IndexInfo  *info;
+	Datum		values[INDEX_MAX_KEYS];
+	bool		isnull[INDEX_MAX_KEYS];
+
+	if (!index->rd_index->indisready)
+	{
+		index_close(index, NoLock);
+		return;
+	}
+	info = BuildIndexInfo(index);
+	if (info->ii_ExclusionOps != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("index \"%s\" on the cachekit queue enforces an exclusion constraint",
+						RelationGetRelationName(index)),
+				 errhint("Drop that constraint: the queue's entries are only ever inserted by cachekit.")));
+	if (info->ii_Expressions == NIL && info->ii_Predicate == NIL)
+	{
+		TupleDesc	desc = RelationGetDescr(rel);
+
+		for (int k = 0; k < info->ii_NumIndexAttrs; k++)
+			values[k] = heap_getattr(tuple, info->ii_IndexAttrNumbers[k], desc, &isnull[k]);
+	}
+	else if (!ck_index_values(rel, info, tuple, estate, values, isnull))
+	{
+		index_close(index, NoLock);
+		return;					/* outside a partial index */
+	}
+	index_insert(index, values, isnull, &tuple->t_self, rel,
+				 index->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+				 false, info);
+	index_close(index, NoLock);
+}
+
+/*
+ * The entry of an index with expressions or a predicate for a new queue
+ * row; false when the predicate rejects the row.
+ */
+static bool
+ck_index_values(Relation rel, IndexInfo *info, HeapTuple tuple, EState **estate,
+				Datum *values, bool *isnull)
+{
+	ExprContext *econtext;
+	TupleTableSlot *slot;
+	bool		keep = true;
+
+	if (*estate == NULL)
+		*estate = CreateExecutorState();
+	econtext = GetPerTupleExprContext(*estate);
+	slot = ExecStoreHeapTuple(tuple,
+							  MakeSingleTupleTableSlot(RelationGetDescr(rel), &TTSOpsHeapTuple),
+							  false);
+	econtext->ecxt_scantuple = slot;
+	if (info->ii_Predicate != NIL)
+		keep = ExecQual(ExecPrepareQual(info->ii_Predicate, *estate), econtext);
+	if (keep)
+		FormIndexDatum(info, slot, *estate, values, isnull);
+	ExecDropSingleTupleTableSlot(slot);
+	return keep;
+}
+
+/*
  * Insert one queue entry in the current transaction.
  * keys and tags are Lists of C strings; value may be NULL.
  *
@@ -222,6 +329,7 @@ ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
 	HeapTuple	tuple;
 	List	   *indexes;
 	ListCell   *lc;
+	EState	   *estate = NULL;
 
 	ck_queue_layout(rel, nspid);
 	memset(nulls, true, sizeof(bool) * desc->natts);
@@ -243,32 +351,12 @@ ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
 	tuple = heap_form_tuple(desc, values, nulls);
 	simple_heap_insert(rel, tuple);
 
-	/* the indexes (the primary key on id): plain columns only */
+	/* the indexes: the primary key on id, and any an administrator added */
 	indexes = RelationGetIndexList(rel);
 	foreach(lc, indexes)
-	{
-		Relation	index = index_open(lfirst_oid(lc), RowExclusiveLock);
-		IndexInfo  *info = BuildIndexInfo(index);
-		Datum		ivalues[INDEX_MAX_KEYS];
-		bool		inulls[INDEX_MAX_KEYS];
-
-		if (info->ii_Expressions != NIL || info->ii_Predicate != NIL)
-			ereport(ERROR,
-					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-					 errmsg("index \"%s\" on the cachekit queue has expressions or a predicate",
-							RelationGetRelationName(index)),
-					 errhint("Drop that index: the queue supports plain column indexes only.")));
-		for (int k = 0; k < info->ii_NumIndexAttrs; k++)
-		{
-			AttrNumber	attno = info->ii_IndexAttrNumbers[k];
-
-			ivalues[k] = heap_getattr(tuple, attno, desc, &inulls[k]);
-		}
-		index_insert(index, ivalues, inulls, &tuple->t_self, rel,
-					 index->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
-					 false, info);
-		index_close(index, NoLock);
-	}
+		ck_index_insert(rel, lfirst_oid(lc), tuple, &estate);
+	if (estate)
+		FreeExecutorState(estate);
 	list_free(indexes);
 	heap_freetuple(tuple);
 	table_close(rel, NoLock);
@@ -350,7 +438,7 @@ ck_work_pending(Oid relid, Snapshot start)
 	index = RelationGetPrimaryKeyIndex(rel);
 
 	SpinLockAcquire(&ck_shared->mutex);
-	if (ck_shared->floor_queue == relid)
+	if (ck_shared->floor_database == MyDatabaseId && ck_shared->floor_queue == relid)
 		floor = ck_shared->delivered_floor;
 	SpinLockRelease(&ck_shared->mutex);
 
@@ -375,7 +463,37 @@ ck_work_pending(Oid relid, Snapshot start)
 	return found;
 }
 
-/* cachekit_wait(timeout interval): wait until work committed before the call is delivered. */
+/*
+ * Has the worker finished a pass, begun after "pass" was counted, that left
+ * nothing undelivered that had committed before its snapshot? That
+ * snapshot was taken after the caller's, so the caller's work is delivered.
+ */
+static bool
+ck_drained_since(Oid relid, uint64 pass)
+{
+	bool		drained;
+
+	SpinLockAcquire(&ck_shared->mutex);
+	drained = ck_shared->floor_database == MyDatabaseId &&
+		ck_shared->floor_queue == relid && ck_shared->drained_pass > pass;
+	SpinLockRelease(&ck_shared->mutex);
+	return drained;
+}
+
+/* the first and the longest wait between two scans of the queue in cachekit_wait */
+#define CK_WAIT_SCAN_FIRST_MS 20
+#define CK_WAIT_SCAN_MAX_MS 1000
+
+/*
+ * cachekit_wait(timeout interval): wait until work committed before the
+ * call is delivered.
+ *
+ * Waiting costs the worker nothing: the worker says after each pass that
+ * drained its queue which pass that was, and a waiter is done once a pass
+ * that began after its call has. Only when that does not come (a backlog
+ * larger than a batch, an entry Redis keeps refusing) does the waiter look
+ * at the queue itself, less and less often.
+ */
 Datum
 cachekit_wait(PG_FUNCTION_ARGS)
 {
@@ -384,7 +502,10 @@ cachekit_wait(PG_FUNCTION_ARGS)
 	Oid			relid = ck_queue_relid(nspid);
 	int64		timeout_us;
 	TimestampTz deadline;
+	TimestampTz next_scan;
+	int			scan_delay = CK_WAIT_SCAN_FIRST_MS;
 	Snapshot	start;
+	uint64		pass;
 	bool		done;
 
 	timeout_us = ((int64) timeout->month * DAYS_PER_MONTH + timeout->day) * USECS_PER_DAY
@@ -396,21 +517,35 @@ cachekit_wait(PG_FUNCTION_ARGS)
 	deadline = GetCurrentTimestamp() + timeout_us;
 
 	start = RegisterSnapshot(GetLatestSnapshot());
+	pass = pg_atomic_read_u64(&ck_shared->passes);
 	ck_wake_worker();
-	for (;;)
+	done = !ck_work_pending(relid, start);
+	next_scan = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), scan_delay);
+	while (!done)
 	{
-		TimestampTz now;
-		long		left_ms;
+		TimestampTz now = GetCurrentTimestamp();
+		long		sleep_ms;
 
-		done = !ck_work_pending(relid, start);
-		if (done)
+		if (ck_drained_since(relid, pass))
+		{
+			done = true;
 			break;
-		now = GetCurrentTimestamp();
+		}
+		if (now >= next_scan)
+		{
+			if (!ck_work_pending(relid, start))
+			{
+				done = true;
+				break;
+			}
+			scan_delay = Min(scan_delay * 2, CK_WAIT_SCAN_MAX_MS);
+			next_scan = TimestampTzPlusMilliseconds(now, scan_delay);
+		}
 		if (now >= deadline)
 			break;
-		left_ms = (long) ((deadline - now + 999) / 1000);
-		/* the worker broadcasts after every batch; poll slowly as a fallback */
-		ConditionVariableTimedSleep(&ck_shared->delivered_cv, Min(left_ms, 100),
+		sleep_ms = (long) ((Min(deadline, next_scan) - now + 999) / 1000);
+		/* the worker broadcasts after every batch and every drained pass */
+		ConditionVariableTimedSleep(&ck_shared->delivered_cv, Max(sleep_ms, 1),
 									PG_WAIT_EXTENSION);
 	}
 	ConditionVariableCancelSleep();

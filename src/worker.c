@@ -88,24 +88,6 @@ static TimestampTz last_vacuum = 0;
 
 static char *current_host = NULL;	/* for messages, without the password */
 
-/* Register the worker with the postmaster (from _PG_init). */
-void
-ck_register_worker(void)
-{
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	/* never on a standby: it starts once the server is promoted */
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 5;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "cachekit");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "cachekit_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "cachekit worker");
-	snprintf(worker.bgw_type, BGW_MAXLEN, "cachekit worker");
-	RegisterBackgroundWorker(&worker);
-}
-
 /* Exit callback: stop advertising our latch. */
 static void
 ck_worker_exit(int code, Datum arg)
@@ -238,16 +220,27 @@ ck_check_candidate(void)
 	floor_candidate.mature = true;
 }
 
-/* After a read: propose its last id as the next floor, under today's transactions. */
+/*
+ * After a read: propose its last id as the next floor, under the
+ * transactions that may still commit an entry below it. An entry's id is
+ * drawn after its transaction locked the queue (RowExclusiveLock, held to
+ * its end), so those are the transactions holding a lock on the queue that
+ * conflicts with ShareLock; whatever committed before this call is visible
+ * to the read that finally moves the floor. Transactions that never wrote
+ * the queue (a session in cachekit_wait, a long report) do not hold the
+ * floor back.
+ */
 static void
-ck_propose_floor(int64 last_id)
+ck_propose_floor(Oid queue, int64 last_id)
 {
 	VirtualTransactionId *vxids;
+	LOCKTAG		tag;
 	int			n;
 
 	if (floor_candidate.valid)
 		return;
-	vxids = GetCurrentVirtualXIDs(InvalidTransactionId, false, false, PROC_IN_VACUUM, &n);
+	SET_LOCKTAG_RELATION(tag, MyDatabaseId, queue);
+	vxids = GetLockConflicts(&tag, ShareLock, &n);
 	if (floor_candidate.vxids)
 		pfree(floor_candidate.vxids);
 	floor_candidate.vxids = MemoryContextAlloc(TopMemoryContext,
@@ -317,9 +310,11 @@ ck_find_schema(Oid *nspid)
 	int			rc;
 	bool		isnull;
 
-	rc = SPI_execute("SELECT quote_ident(n.nspname), n.oid FROM pg_catalog.pg_extension e "
-					 "JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
-					 "WHERE e.extname = 'cachekit'", true, 1);
+	rc = SPI_execute("SELECT pg_catalog.quote_ident(n.nspname), n.oid "
+					 "FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n "
+					 "ON n.oid OPERATOR(pg_catalog.=) e.extnamespace "
+					 "WHERE e.extname OPERATOR(pg_catalog.=) 'cachekit'::pg_catalog.name",
+					 true, 1);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "cachekit worker could not look up its extension: %s",
 			 SPI_result_code_string(rc));
@@ -408,7 +403,8 @@ ck_prepare_plans(void)
 
 		plans[CK_PLAN_READ] = ck_keep_plan(
 			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid FROM %s.%s "
-					 "WHERE id >= $1 ORDER BY id LIMIT %d",
+					 "WHERE id OPERATOR(pg_catalog.>=) $1 "
+					 "ORDER BY id USING OPERATOR(pg_catalog.<) LIMIT %d",
 					 schema, CK_QUEUE_TABLE, ck_batch_size), 1, read_types);
 		/*
 		 * Delivered entries go by ctid, without an index lookup each. The
@@ -418,20 +414,26 @@ ck_prepare_plans(void)
 		 * FULL, CLUSTER, TRUNCATE) moves rows: then ids are used instead.
 		 */
 		plans[CK_PLAN_DELETE] = ck_keep_plan(
-			psprintf("DELETE FROM %s.%s WHERE ctid = ANY ($1) AND id <= $2",
+			psprintf("DELETE FROM %s.%s WHERE ctid OPERATOR(pg_catalog.=) ANY ($1) "
+					 "AND id OPERATOR(pg_catalog.<=) $2",
 					 schema, CK_QUEUE_TABLE), 2, tid_types);
 		plans[CK_PLAN_DELETE_IDS] = ck_keep_plan(
-			psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
+			psprintf("DELETE FROM %s.%s WHERE id OPERATOR(pg_catalog.=) ANY ($1)",
+					 schema, CK_QUEUE_TABLE),
 			1, ids_types);
 		plans[CK_PLAN_RETRY] = ck_keep_plan(
-			psprintf("UPDATE %s.%s q SET attempts = q.attempts + 1, last_error = u.err "
-					 "FROM unnest($1, $2) AS u(id, err) WHERE q.id = u.id",
+			psprintf("UPDATE %s.%s q SET attempts = q.attempts OPERATOR(pg_catalog.+) 1, "
+					 "last_error = u.err "
+					 "FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
+					 "WHERE q.id OPERATOR(pg_catalog.=) u.id",
 					 schema, CK_QUEUE_TABLE), 2, ids_types);
 		plans[CK_PLAN_DEAD] = ck_keep_plan(
-			psprintf("WITH moved AS (DELETE FROM %s.%s q USING unnest($1, $2) AS u(id, err) "
-					 "WHERE q.id = u.id RETURNING q.*, u.err) "
+			psprintf("WITH moved AS (DELETE FROM %s.%s q "
+					 "USING ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
+					 "WHERE q.id OPERATOR(pg_catalog.=) u.id RETURNING q.*, u.err) "
 					 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at) "
-					 "SELECT id, kind, keys, tags, untags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
+					 "SELECT id, kind, keys, tags, untags, value, ttl, "
+					 "attempts OPERATOR(pg_catalog.+) 1, err, enqueued_at FROM moved",
 					 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE), 2, ids_types);
 		plans_ext = ext;
 		plans_queue = get_relname_relid(CK_QUEUE_TABLE, nspid);
@@ -639,10 +641,13 @@ ck_pass(MemoryContext batch_cxt)
 	bool		transient = false;
 	bool		ok;
 	MemoryContext old;
+	uint64		pass_no;
+	bool		settled;
 
 	/* commits from now on must wake us again: their work may miss this read */
 	pg_atomic_write_u32(&ck_shared->wake_requested, 0);
-	pg_memory_barrier();
+	/* and this pass's snapshot is taken after the count says it began */
+	pass_no = pg_atomic_add_fetch_u64(&ck_shared->passes, 1);
 
 	ck_begin("reading queue");
 	if (ck_prepare_plans())
@@ -654,11 +659,14 @@ ck_pass(MemoryContext batch_cxt)
 	covered = floor_candidate.valid && floor_candidate.mature &&
 		(n < ck_batch_size || entries[n - 1].id >= floor_candidate.last_id);
 	if (n > 0)
-		ck_propose_floor(entries[n - 1].id);
+		ck_propose_floor(plans_queue, entries[n - 1].id);
 	ck_commit();
 
 	if (n == 0)
 	{
+		/* nothing committed before this pass's snapshot waits */
+		if (OidIsValid(batch_ext))
+			ck_publish_drained(plans_queue, pass_no);
 		/* connect while idle too, so cachekit_stats tells whether Redis is up */
 		if (OidIsValid(batch_ext) && !ck_redis_connected())
 			(void) ck_ensure_connection();
@@ -699,12 +707,16 @@ ck_pass(MemoryContext batch_cxt)
 	 * ids may repeat the old ones, so nothing of it may be touched.
 	 */
 	ck_begin("settling batch");
-	if (ck_prepare_plans() && plans_ext == batch_ext)
+	settled = ck_prepare_plans() && plans_ext == batch_ext;
+	if (settled)
 	{
 		ck_settle_batch(entries, n, read_filenode);
 		ck_advance_floor(plans_queue, entries, n, covered);
 	}
 	ck_commit();
+	/* a short batch with nothing left behind: the queue is drained up to it */
+	if (settled && n < ck_batch_size && !refused && !transient)
+		ck_publish_drained(plans_queue, pass_no);
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
 	pg_atomic_fetch_add_u64(&ck_shared->tags_flushed, stats.tags_flushed);
@@ -851,6 +863,71 @@ ck_pass_guarded(MemoryContext batch_cxt)
 	return result;
 }
 
+/*
+ * The settings the worker runs under, whatever the database or a role says.
+ * The worker is a superuser: a database owner can ALTER DATABASE ... SET
+ * search_path (to a schema of functions and operators named like the
+ * built-ins the worker calls), a read-only default, timeouts that make every
+ * pass fail, or exit_on_error, and all of these would reach the worker at
+ * connection. Overriding them here makes the worker's behaviour a matter of
+ * this list and postgresql.conf's cachekit.* settings only.
+ */
+static const struct
+{
+	const char *name;
+	const char *value;
+}			pinned_settings[] = {
+	/* names resolve in pg_catalog only (the worker's queries qualify all others) */
+	{"search_path", "pg_catalog, pg_temp"},
+	{"role", "none"},
+	{"session_replication_role", "origin"},
+	{"default_transaction_read_only", "off"},
+	{"default_transaction_isolation", "read committed"},
+	{"default_transaction_deferrable", "off"},
+	{"statement_timeout", "0"},
+	{"lock_timeout", "0"},
+	{"idle_in_transaction_session_timeout", "0"},
+	{"idle_session_timeout", "0"},
+	{"exit_on_error", "off"},
+	{"row_security", "on"},
+	{"vacuum_cost_delay", "0"},
+	{"force_parallel_mode", "off"},
+	{"max_parallel_workers_per_gather", "0"},
+	{"jit", "off"},
+	{"transform_null_equals", "off"},
+	{"standard_conforming_strings", "on"},
+	{"array_nulls", "on"},
+	{"enable_indexscan", "on"},
+	{"enable_tidscan", "on"},
+	/*
+	 * The worker's own commits only remove delivered entries or count
+	 * attempts: losing one in a crash means delivering it again, which
+	 * at-least-once allows. Not waiting for the WAL flush keeps a pass fast.
+	 */
+	{"synchronous_commit", "off"},
+	{"application_name", "cachekit worker"},
+	/*
+	 * The kept statements are simple: plan them once. The queue's
+	 * statistics say little (it may have been empty at the last ANALYZE and
+	 * hold a million entries now), so a plan must not depend on them:
+	 * reading and deleting go by index or ctid, never by scanning and
+	 * sorting it all.
+	 */
+	{"plan_cache_mode", "force_generic_plan"},
+	{"enable_seqscan", "off"},
+	{"enable_sort", "off"},
+	{"enable_bitmapscan", "off"},
+};
+
+/* Override every setting of pinned_settings, as the highest-priority source. */
+static void
+ck_pin_settings(void)
+{
+	for (int i = 0; i < (int) lengthof(pinned_settings); i++)
+		SetConfigOption(pinned_settings[i].name, pinned_settings[i].value,
+						PGC_SUSET, PGC_S_OVERRIDE);
+}
+
 /* Entry point of the background worker. */
 void
 cachekit_worker_main(Datum arg)
@@ -863,25 +940,10 @@ cachekit_worker_main(Datum arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(ck_database, NULL, 0);
+	/* the launcher found cachekit.database under this OID */
+	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(arg), InvalidOid, 0);
 
-	/*
-	 * The worker's own commits only remove delivered entries or count
-	 * attempts: losing one in a crash means delivering it again, which
-	 * at-least-once allows. Not waiting for the WAL flush keeps a pass fast.
-	 */
-	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
-	SetConfigOption("application_name", "cachekit worker", PGC_USERSET, PGC_S_OVERRIDE);
-	/*
-	 * The kept statements are simple: plan them once. The queue's statistics
-	 * say little (it may have been empty at the last ANALYZE and hold a
-	 * million entries now), so a plan must not depend on them: reading and
-	 * deleting go by index or ctid, never by scanning and sorting it all.
-	 */
-	SetConfigOption("plan_cache_mode", "force_generic_plan", PGC_USERSET, PGC_S_OVERRIDE);
-	SetConfigOption("enable_seqscan", "off", PGC_USERSET, PGC_S_OVERRIDE);
-	SetConfigOption("enable_sort", "off", PGC_USERSET, PGC_S_OVERRIDE);
-	SetConfigOption("enable_bitmapscan", "off", PGC_USERSET, PGC_S_OVERRIDE);
+	ck_pin_settings();
 
 	SpinLockAcquire(&ck_shared->mutex);
 	ck_shared->worker_latch = MyLatch;
