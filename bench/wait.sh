@@ -86,7 +86,8 @@ q "CREATE EXTENSION cachekit" 2>/dev/null
 # one drain of a fresh backlog with $1 waiting sessions; prints seconds
 drain() {
     local waiters=$1 pids=() t0 end depth
-    q "ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:1/0'; SELECT pg_reload_conf()" >/dev/null
+    q "ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:1/0'"
+    q "SELECT pg_reload_conf()" >/dev/null
     sleep 0.5
     q "SELECT count(cachekit_delete('w:' || g)) FROM generate_series(1, $ENTRIES) g" >/dev/null
     for ((i = 0; i < waiters; i++)); do
@@ -96,7 +97,8 @@ drain() {
     while (($(q "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT cachekit_wait%' AND state = 'active'") < waiters)); do
         sleep 0.05
     done
-    t0=$(q "ALTER SYSTEM RESET cachekit.redis_url; SELECT extract(epoch FROM clock_timestamp()) FROM pg_reload_conf()" | tail -n 1)
+    q "ALTER SYSTEM RESET cachekit.redis_url"
+    t0=$(q "SELECT extract(epoch FROM clock_timestamp()) FROM pg_reload_conf()")
     while :; do
         depth=$(q "SELECT count(*) FROM cachekit_queue")
         ((depth == 0)) && break

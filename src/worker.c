@@ -712,6 +712,15 @@ ck_pass(MemoryContext batch_cxt)
 	{
 		ck_settle_batch(entries, n, read_filenode);
 		ck_advance_floor(plans_queue, entries, n, covered);
+		/*
+		 * Propose the next floor at once (the lockers looked at now came
+		 * after this pass's read, as a proposal needs), so that the floor
+		 * can move on every pass: each read then steps over one batch of
+		 * delivered entries at most, which matters while a session's
+		 * snapshot (one in cachekit_wait, say) keeps them from being
+		 * pruned.
+		 */
+		ck_propose_floor(plans_queue, entries[n - 1].id);
 	}
 	ck_commit();
 	/* a short batch with nothing left behind: the queue is drained up to it */
