@@ -55,6 +55,8 @@ extern int	ck_connect_timeout;
 extern int	ck_command_timeout;
 extern int	ck_max_attempts;
 extern int	ck_max_value_bytes;
+extern int	ck_dead_letter_after;
+extern int	ck_batch_bytes;
 
 /*---- shared memory (cachekit.c) ----*/
 
@@ -132,6 +134,19 @@ extern void ck_queue_init(void);
 
 /*---- delivery of one batch to Redis (deliver.c) ----*/
 
+/*
+ * What a failure of an entry says about it (deliver.c decides, from the
+ * reply of Redis; the worker decides the entry's fate from it).
+ */
+typedef enum CkErrorClass
+{
+	CK_ERRCLASS_NONE,			/* delivered */
+	CK_ERRCLASS_HELD,			/* not sent: waits behind an earlier entry of its key */
+	CK_ERRCLASS_TRANSIENT,		/* goes away by itself: retried, not counted */
+	CK_ERRCLASS_SERVER,			/* Redis refuses everything: retried, not counted */
+	CK_ERRCLASS_ENTRY			/* this entry is refused: counted, may dead-letter */
+} CkErrorClass;
+
 /* one queue entry as the worker read it, and what became of it */
 typedef struct CkEntry
 {
@@ -147,8 +162,9 @@ typedef struct CkEntry
 	char	   *value;			/* write-through value, or NULL */
 	int			ttl;
 	int			attempts;		/* failed attempts before this one */
-	bool		failed;			/* Redis refused part of it */
-	bool		transient;		/* ...with an error worth retrying */
+	TimestampTz first_refused_at;	/* its first counted refusal, or 0 */
+	bool		failed;			/* Redis refused part of it, or it was held */
+	CkErrorClass errclass;		/* why, when failed */
 	char	   *error;			/* the first refusal */
 } CkEntry;
 
@@ -162,6 +178,7 @@ typedef struct CkDeliveryStats
 	uint64		values_too_large;
 } CkDeliveryStats;
 
+extern CkErrorClass ck_error_class(const char *msg);
 extern bool ck_deliver_prepare(char **errmsg);
 extern bool ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg);
 
@@ -185,8 +202,7 @@ typedef struct CkRedisUrl
 typedef enum CkReplyStatus
 {
 	CK_REPLY_OK,
-	CK_REPLY_ERROR,				/* Redis refused this command */
-	CK_REPLY_TRANSIENT			/* LOADING, BUSY, OOM...: retry later */
+	CK_REPLY_ERROR				/* Redis refused this command (deliver.c classifies it) */
 } CkReplyStatus;
 
 typedef struct CkReply

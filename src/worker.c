@@ -178,22 +178,137 @@ ck_ensure_connection(void)
 typedef enum CkFate
 {
 	CK_FATE_DELIVERED,			/* Redis took it: delete it */
-	CK_FATE_WAIT,				/* a transient error: retry, attempts unchanged */
+	CK_FATE_WAIT,				/* held, transient or server error: retry, attempts unchanged */
 	CK_FATE_RETRY,				/* refused: count the attempt, retry */
-	CK_FATE_DEAD				/* refused cachekit.max_attempts times: dead letter */
+	CK_FATE_DEAD				/* refused max_attempts times over dead_letter_after: dead letter */
 } CkFate;
 
-/* The fate of an entry after its delivery attempt. */
+/* when the current batch is settled: dead_letter_after is measured to it */
+static TimestampTz settle_time = 0;
+
+/*
+ * The fate of an entry after its delivery attempt. An entry moves to the
+ * dead letters only when it was refused cachekit.max_attempts times AND its
+ * first refusal is cachekit.dead_letter_after old: the attempts alone come
+ * within a second, before anyone could fix the cause.
+ */
 static CkFate
 ck_fate(const CkEntry *e)
 {
+	TimestampTz first;
+
 	if (!e->failed)
 		return CK_FATE_DELIVERED;
-	if (e->transient)
+	if (e->errclass != CK_ERRCLASS_ENTRY)
 		return CK_FATE_WAIT;
-	if (e->attempts + 1 >= ck_max_attempts)
+	if (e->attempts + 1 < ck_max_attempts)
+		return CK_FATE_RETRY;
+	first = e->first_refused_at != 0 ? e->first_refused_at : settle_time;
+	if (TimestampDifferenceExceeds(first, settle_time, ck_dead_letter_after * 1000) ||
+		ck_dead_letter_after == 0)
 		return CK_FATE_DEAD;
 	return CK_FATE_RETRY;
+}
+
+/*
+ * Refused entries wait for their retry in the worker's memory, each with
+ * its own capped exponential backoff, instead of holding up the whole
+ * queue: until then they are not sent and hold the later entries of their
+ * keys. Kept sorted by id; only entries of the last batch are remembered,
+ * so it is bounded by cachekit.batch_size (an entry forgotten is only
+ * retried sooner).
+ */
+typedef struct CkCooling
+{
+	int64		id;
+	TimestampTz retry_at;
+	int			delay_ms;
+} CkCooling;
+
+static CkCooling *cooling = NULL;
+static int	ncooling = 0;
+static TimestampTz next_refusal_retry = 0;	/* earliest retry_at, or 0 */
+
+/* The waiting record of an entry id, or NULL. */
+static CkCooling *
+ck_cooling_find(int64 id)
+{
+	int			lo = 0,
+				hi = ncooling - 1;
+
+	while (lo <= hi)
+	{
+		int			mid = (lo + hi) / 2;
+
+		if (cooling[mid].id == id)
+			return &cooling[mid];
+		if (cooling[mid].id < id)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return NULL;
+}
+
+/* Before delivery: hold the entries whose retry has not come yet. */
+static void
+ck_hold_cooling(CkEntry *entries, int n)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	for (int i = 0; i < n; i++)
+	{
+		CkCooling  *c = ck_cooling_find(entries[i].id);
+
+		if (c && c->retry_at > now)
+		{
+			entries[i].failed = true;
+			entries[i].errclass = CK_ERRCLASS_HELD;
+			entries[i].error = "waiting to be retried";
+		}
+	}
+}
+
+/* After settling: remember the refused entries and when to retry them. */
+static void
+ck_update_cooling(CkEntry *entries, int n)
+{
+	CkCooling  *next = MemoryContextAlloc(TopMemoryContext, sizeof(CkCooling) * (n + 1));
+	int			k = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	next_refusal_retry = 0;
+	for (int i = 0; i < n; i++)
+	{
+		CkCooling  *c = ck_cooling_find(entries[i].id);
+		CkFate		fate = ck_fate(&entries[i]);
+
+		if (fate == CK_FATE_RETRY)
+		{
+			int			delay = c ? Min(c->delay_ms * 2, ck_retry_max_delay) : CK_FIRST_RETRY_MS;
+
+			delay = Min(delay, ck_retry_max_delay);
+			next[k++] = (CkCooling) {entries[i].id, TimestampTzPlusMilliseconds(now, delay), delay};
+		}
+		else if (c && fate == CK_FATE_WAIT && entries[i].errclass == CK_ERRCLASS_HELD)
+			next[k++] = *c;
+		else
+			continue;
+		if (next_refusal_retry == 0 || next[k - 1].retry_at < next_refusal_retry)
+			next_refusal_retry = next[k - 1].retry_at;
+	}
+	if (cooling)
+		pfree(cooling);
+	cooling = next;
+	ncooling = k;
+}
+
+/* Forget every waiting entry (a new queue, or a reload). */
+static void
+ck_forget_cooling(void)
+{
+	ncooling = 0;
+	next_refusal_retry = 0;
 }
 
 /*
@@ -357,6 +472,7 @@ ck_free_plans(void)
 	plans_ext = InvalidOid;
 	plans_queue = InvalidOid;
 	ck_reset_floor();
+	ck_forget_cooling();
 }
 
 /* Prepare and keep one statement. */
@@ -407,7 +523,7 @@ ck_prepare_plans(void)
 			return false;
 
 		plans[CK_PLAN_READ] = ck_keep_plan(
-			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid FROM %s.%s "
+			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid, first_refused_at FROM %s.%s "
 					 "WHERE id >= $1 ORDER BY id LIMIT %d",
 					 schema, CK_QUEUE_TABLE, ck_batch_size), 1, read_types);
 		/*
@@ -424,14 +540,16 @@ ck_prepare_plans(void)
 			psprintf("DELETE FROM %s.%s WHERE id = ANY ($1)", schema, CK_QUEUE_TABLE),
 			1, ids_types);
 		plans[CK_PLAN_RETRY] = ck_keep_plan(
-			psprintf("UPDATE %s.%s q SET attempts = q.attempts + 1, last_error = u.err "
+			psprintf("UPDATE %s.%s q SET attempts = q.attempts + 1, last_error = u.err, "
+					 "first_refused_at = coalesce(q.first_refused_at, pg_catalog.now()) "
 					 "FROM unnest($1, $2) AS u(id, err) WHERE q.id = u.id",
 					 schema, CK_QUEUE_TABLE), 2, ids_types);
 		plans[CK_PLAN_DEAD] = ck_keep_plan(
 			psprintf("WITH moved AS (DELETE FROM %s.%s q USING unnest($1, $2) AS u(id, err) "
 					 "WHERE q.id = u.id RETURNING q.*, u.err) "
-					 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at) "
-					 "SELECT id, kind, keys, tags, untags, value, ttl, attempts + 1, err, enqueued_at FROM moved",
+					 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at, first_refused_at) "
+					 "SELECT id, kind, keys, tags, untags, value, ttl, attempts + 1, err, enqueued_at, "
+					 "coalesce(first_refused_at, pg_catalog.now()) FROM moved",
 					 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE), 2, ids_types);
 		plans_ext = ext;
 		plans_queue = get_relname_relid(CK_QUEUE_TABLE, nspid);
@@ -448,9 +566,9 @@ ck_prepare_plans(void)
 	return true;
 }
 
-/* Copy a text[] datum into an array of C strings in the current context. */
+/* Copy a text[] datum into an array of C strings; returns the count, adds their bytes. */
 static int
-ck_copy_text_array(Datum d, char ***out)
+ck_copy_text_array(Datum d, char ***out, Size *bytes)
 {
 	ArrayType  *arr = DatumGetArrayTypeP(d);
 	Datum	   *elems;
@@ -460,48 +578,100 @@ ck_copy_text_array(Datum d, char ***out)
 	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
 	*out = palloc(sizeof(char *) * (n + 1));
 	for (int i = 0; i < n; i++)
+	{
 		(*out)[i] = nulls[i] ? pstrdup("") : TextDatumGetCString(elems[i]);
+		*bytes += strlen((*out)[i]) + sizeof(char *) + 1;
+	}
+	pfree(elems);
+	pfree(nulls);
+	if ((Pointer) arr != DatumGetPointer(d))
+		pfree(arr);
 	return n;
 }
 
-/* Read up to batch_size entries in id order into batch_cxt. */
+/* Copy a text datum into a C string without keeping a detoasted copy. */
+static char *
+ck_copy_text(Datum d, Size *bytes)
+{
+	text	   *t = DatumGetTextPP(d);
+	char	   *s = text_to_cstring(t);
+
+	if ((Pointer) t != DatumGetPointer(d))
+		pfree(t);
+	*bytes += strlen(s) + 1;
+	return s;
+}
+
+/* Copy one row of the read into an entry; returns its size in bytes. */
+static Size
+ck_copy_entry(HeapTuple tup, TupleDesc desc, CkEntry *e)
+{
+	Size		bytes = sizeof(CkEntry);
+	bool		isnull;
+	Datum		d;
+
+	e->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	e->kind = DatumGetChar(SPI_getbinval(tup, desc, 2, &isnull));
+	e->nkeys = ck_copy_text_array(SPI_getbinval(tup, desc, 3, &isnull), &e->keys, &bytes);
+	e->ntags = ck_copy_text_array(SPI_getbinval(tup, desc, 4, &isnull), &e->tags, &bytes);
+	e->nuntags = ck_copy_text_array(SPI_getbinval(tup, desc, 5, &isnull), &e->untags, &bytes);
+	d = SPI_getbinval(tup, desc, 6, &isnull);
+	e->value = isnull ? NULL : ck_copy_text(d, &bytes);
+	e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
+	e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 9, &isnull)), &e->ctid);
+	d = SPI_getbinval(tup, desc, 10, &isnull);
+	e->first_refused_at = isnull ? 0 : DatumGetTimestampTz(d);
+	return bytes;
+}
+
+/* rows fetched from the read cursor at a time (values stay toasted until copied) */
+#define CK_FETCH_ROWS 64
+
+/*
+ * Read entries in id order into batch_cxt: up to cachekit.batch_size of
+ * them, and no more once cachekit.batch_bytes are read (at least one). The
+ * rows come through a cursor a few at a time and each value is detoasted
+ * only when copied, so that a batch of large write-through values costs
+ * its byte budget, not the sum of its values. *full says whether the read
+ * stopped at a limit (there may be more).
+ */
 static int
-ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out)
+ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full)
 {
 	Datum		args[1];
-	int			rc;
+	Portal		portal;
 	CkEntry    *entries;
-	int			n;
+	int			n = 0;
+	Size		bytes = 0;
 
 	args[0] = Int64GetDatum(read_floor);
-	rc = SPI_execute_plan(plans[CK_PLAN_READ], args, NULL, true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "cachekit worker could not read its queue: %s", SPI_result_code_string(rc));
-
-	n = (int) SPI_processed;
-	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (n + 1));
-	for (int i = 0; i < n; i++)
+	portal = SPI_cursor_open(NULL, plans[CK_PLAN_READ], args, NULL, true);
+	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
+	*full = false;
+	while (n < ck_batch_size && !*full)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		CkEntry    *e = &entries[i];
-		bool		isnull;
-		Datum		d;
-		MemoryContext old;
+		SPI_cursor_fetch(portal, true, Min(CK_FETCH_ROWS, ck_batch_size - n));
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			MemoryContext old = MemoryContextSwitchTo(batch_cxt);
 
-		old = MemoryContextSwitchTo(batch_cxt);
-		e->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		e->kind = DatumGetChar(SPI_getbinval(tup, desc, 2, &isnull));
-		e->nkeys = ck_copy_text_array(SPI_getbinval(tup, desc, 3, &isnull), &e->keys);
-		e->ntags = ck_copy_text_array(SPI_getbinval(tup, desc, 4, &isnull), &e->tags);
-		e->nuntags = ck_copy_text_array(SPI_getbinval(tup, desc, 5, &isnull), &e->untags);
-		d = SPI_getbinval(tup, desc, 6, &isnull);
-		e->value = isnull ? NULL : TextDatumGetCString(d);
-		e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
-		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
-		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 9, &isnull)), &e->ctid);
-		MemoryContextSwitchTo(old);
+			bytes += ck_copy_entry(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &entries[n++]);
+			MemoryContextSwitchTo(old);
+			if (bytes >= (Size) ck_batch_bytes && n < ck_batch_size)
+			{
+				/* over the budget: the rest of this fetch waits for the next batch */
+				*full = true;
+				break;
+			}
+		}
+		SPI_freetuptable(SPI_tuptable);
 	}
+	SPI_cursor_close(portal);
+	if (n >= ck_batch_size)
+		*full = true;
 	*entries_out = entries;
 	return n;
 }
@@ -637,6 +807,8 @@ ck_pass(MemoryContext batch_cxt)
 	char	   *err = NULL;
 	bool		refused = false;
 	bool		transient = false;
+	bool		full = false;
+	int			settled = 0;
 	bool		ok;
 	MemoryContext old;
 
@@ -646,16 +818,18 @@ ck_pass(MemoryContext batch_cxt)
 
 	ck_begin("reading queue");
 	if (ck_prepare_plans())
-		n = ck_read_batch(batch_cxt, &entries);
+		n = ck_read_batch(batch_cxt, &entries, &full);
 	batch_ext = plans_ext;
 	last_pass_entries = n;
 	read_filenode = OidIsValid(plans_queue) ? ck_queue_filenode() : InvalidOid;
 	/* did this read see every entry up to a matured floor candidate? */
 	covered = floor_candidate.valid && floor_candidate.mature &&
-		(n < ck_batch_size || entries[n - 1].id >= floor_candidate.last_id);
+		(!full || entries[n - 1].id >= floor_candidate.last_id);
 	if (n > 0)
 		ck_propose_floor(entries[n - 1].id);
 	ck_commit();
+	/* what is left of this pass is made in batch_cxt, reset after each pass */
+	MemoryContextSwitchTo(batch_cxt);
 
 	if (n == 0)
 	{
@@ -673,6 +847,7 @@ ck_pass(MemoryContext batch_cxt)
 		return CK_PASS_FAILED;
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
+	ck_hold_cooling(entries, n);
 	ok = ck_deliver(entries, n, &stats, &err);
 	if (!ok)
 	{
@@ -683,13 +858,19 @@ ck_pass(MemoryContext batch_cxt)
 	}
 	MemoryContextSwitchTo(old);
 
+	settle_time = GetCurrentTimestamp();
 	for (int i = 0; i < n; i++)
 	{
-		if (entries[i].failed && entries[i].transient)
+		CkErrorClass cls = entries[i].failed ? entries[i].errclass : CK_ERRCLASS_NONE;
+
+		if (cls == CK_ERRCLASS_TRANSIENT || cls == CK_ERRCLASS_SERVER)
 			transient = true;
-		else if (entries[i].failed)
+		else if (cls == CK_ERRCLASS_ENTRY)
 			refused = true;
-		if (entries[i].failed && !err)
+		if ((cls == CK_ERRCLASS_NONE || cls == CK_ERRCLASS_ENTRY) &&
+			(cls == CK_ERRCLASS_NONE || ck_fate(&entries[i]) == CK_FATE_DEAD))
+			settled++;
+		if (cls != CK_ERRCLASS_NONE && cls != CK_ERRCLASS_HELD && !err)
 			err = entries[i].error;
 	}
 
@@ -703,8 +884,10 @@ ck_pass(MemoryContext batch_cxt)
 	{
 		ck_settle_batch(entries, n, read_filenode);
 		ck_advance_floor(plans_queue, entries, n, covered);
+		ck_update_cooling(entries, n);
 	}
 	ck_commit();
+	MemoryContextSwitchTo(batch_cxt);
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
 	pg_atomic_fetch_add_u64(&ck_shared->tags_flushed, stats.tags_flushed);
@@ -723,12 +906,14 @@ ck_pass(MemoryContext batch_cxt)
 		ck_set_connected(false);
 	}
 	if (refused || transient)
-	{
 		ck_report_failure(psprintf("Redis refused a queue entry%s: %s",
 								   transient ? " (will retry)" : "", err), false);
+	/* Redis itself is not taking work: back off */
+	if (transient)
 		return CK_PASS_FAILED;
-	}
-	return n >= ck_batch_size ? CK_PASS_MORE : CK_PASS_IDLE;
+	/* refused entries wait for their own retry; the rest goes on */
+	last_pass_entries = settled;
+	return full && settled > 0 ? CK_PASS_MORE : CK_PASS_IDLE;
 }
 
 /* Vacuum the queue; "shrink" lets it give emptied pages at its end back. */
@@ -848,6 +1033,7 @@ ck_pass_guarded(MemoryContext batch_cxt)
 		result = CK_PASS_FAILED;
 	}
 	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
 	return result;
 }
 
@@ -963,6 +1149,15 @@ cachekit_worker_main(Datum arg)
 		}
 		else
 			wait_ms = CK_IDLE_TIMEOUT_MS;
+		/* an entry refused earlier is due for its retry */
+		if (retry_at == 0 && next_refusal_retry != 0)
+		{
+			long		secs;
+			int			usecs;
+
+			TimestampDifference(GetCurrentTimestamp(), next_refusal_retry, &secs, &usecs);
+			wait_ms = Min(wait_ms, secs * 1000 + usecs / 1000 + 1);
+		}
 
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   wait_ms, PG_WAIT_EXTENSION);
