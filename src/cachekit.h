@@ -184,8 +184,22 @@ extern bool ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **e
 
 /*---- the worker (worker.c) ----*/
 
+/* the first retry delay after a failure (then doubling up to cachekit.retry_max_delay) */
+#define CK_FIRST_RETRY_MS 20
+
 extern void ck_register_worker(void);
 PGDLLEXPORT void cachekit_worker_main(Datum arg);
+
+/*---- refused entries waiting for their retry (waiting.c) ----*/
+
+extern void ck_waiting_forget(void);
+extern void ck_waiting_start_pass(void);
+extern int	ck_waiting_nskipped(void);
+extern int64 ck_waiting_min_skipped(void);
+extern bool ck_waiting_skips(int64 id);
+extern TimestampTz ck_waiting_next_retry(void);
+extern void ck_waiting_hold(CkEntry *entries, int n);
+extern void ck_waiting_update(CkEntry *entries, int n, const bool *refused);
 
 /*---- Redis (redis.c): the only part that includes hiredis ----*/
 

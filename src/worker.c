@@ -43,8 +43,6 @@
 
 /* how long an idle worker sleeps before looking at the queue anyway */
 #define CK_IDLE_TIMEOUT_MS 5000
-/* the first retry delay after a failure */
-#define CK_FIRST_RETRY_MS 20
 /*
  * Under load (a pass found at least CK_LINGER_MIN_ENTRIES entries) the
  * worker waits a little before the next pass instead of being woken by
@@ -204,111 +202,9 @@ ck_fate(const CkEntry *e)
 	if (e->attempts + 1 < ck_max_attempts)
 		return CK_FATE_RETRY;
 	first = e->first_refused_at != 0 ? e->first_refused_at : settle_time;
-	if (TimestampDifferenceExceeds(first, settle_time, ck_dead_letter_after * 1000) ||
-		ck_dead_letter_after == 0)
+	if (settle_time - first >= (int64) ck_dead_letter_after * USECS_PER_SEC)
 		return CK_FATE_DEAD;
 	return CK_FATE_RETRY;
-}
-
-/*
- * Refused entries wait for their retry in the worker's memory, each with
- * its own capped exponential backoff, instead of holding up the whole
- * queue: until then they are not sent and hold the later entries of their
- * keys. Kept sorted by id; only entries of the last batch are remembered,
- * so it is bounded by cachekit.batch_size (an entry forgotten is only
- * retried sooner).
- */
-typedef struct CkCooling
-{
-	int64		id;
-	TimestampTz retry_at;
-	int			delay_ms;
-} CkCooling;
-
-static CkCooling *cooling = NULL;
-static int	ncooling = 0;
-static TimestampTz next_refusal_retry = 0;	/* earliest retry_at, or 0 */
-
-/* The waiting record of an entry id, or NULL. */
-static CkCooling *
-ck_cooling_find(int64 id)
-{
-	int			lo = 0,
-				hi = ncooling - 1;
-
-	while (lo <= hi)
-	{
-		int			mid = (lo + hi) / 2;
-
-		if (cooling[mid].id == id)
-			return &cooling[mid];
-		if (cooling[mid].id < id)
-			lo = mid + 1;
-		else
-			hi = mid - 1;
-	}
-	return NULL;
-}
-
-/* Before delivery: hold the entries whose retry has not come yet. */
-static void
-ck_hold_cooling(CkEntry *entries, int n)
-{
-	TimestampTz now = GetCurrentTimestamp();
-
-	for (int i = 0; i < n; i++)
-	{
-		CkCooling  *c = ck_cooling_find(entries[i].id);
-
-		if (c && c->retry_at > now)
-		{
-			entries[i].failed = true;
-			entries[i].errclass = CK_ERRCLASS_HELD;
-			entries[i].error = "waiting to be retried";
-		}
-	}
-}
-
-/* After settling: remember the refused entries and when to retry them. */
-static void
-ck_update_cooling(CkEntry *entries, int n)
-{
-	CkCooling  *next = MemoryContextAlloc(TopMemoryContext, sizeof(CkCooling) * (n + 1));
-	int			k = 0;
-	TimestampTz now = GetCurrentTimestamp();
-
-	next_refusal_retry = 0;
-	for (int i = 0; i < n; i++)
-	{
-		CkCooling  *c = ck_cooling_find(entries[i].id);
-		CkFate		fate = ck_fate(&entries[i]);
-
-		if (fate == CK_FATE_RETRY)
-		{
-			int			delay = c ? Min(c->delay_ms * 2, ck_retry_max_delay) : CK_FIRST_RETRY_MS;
-
-			delay = Min(delay, ck_retry_max_delay);
-			next[k++] = (CkCooling) {entries[i].id, TimestampTzPlusMilliseconds(now, delay), delay};
-		}
-		else if (c && fate == CK_FATE_WAIT && entries[i].errclass == CK_ERRCLASS_HELD)
-			next[k++] = *c;
-		else
-			continue;
-		if (next_refusal_retry == 0 || next[k - 1].retry_at < next_refusal_retry)
-			next_refusal_retry = next[k - 1].retry_at;
-	}
-	if (cooling)
-		pfree(cooling);
-	cooling = next;
-	ncooling = k;
-}
-
-/* Forget every waiting entry (a new queue, or a reload). */
-static void
-ck_forget_cooling(void)
-{
-	ncooling = 0;
-	next_refusal_retry = 0;
 }
 
 /*
@@ -395,6 +291,9 @@ ck_advance_floor(Oid queue, CkEntry *entries, int n, bool covered)
 		if (stays && entries[i].id < floor)
 			floor = entries[i].id;
 	}
+	/* nor past an entry the read skipped (it waits for its retry) */
+	if (ck_waiting_nskipped() > 0)
+		floor = Min(floor, ck_waiting_min_skipped());
 	read_floor = Max(read_floor, floor);
 	floor_candidate.valid = false;
 	ck_publish_floor(queue, read_floor);
@@ -472,7 +371,7 @@ ck_free_plans(void)
 	plans_ext = InvalidOid;
 	plans_queue = InvalidOid;
 	ck_reset_floor();
-	ck_forget_cooling();
+	ck_waiting_forget();
 }
 
 /* Prepare and keep one statement. */
@@ -499,7 +398,7 @@ ck_prepare_plans(void)
 	Oid			ext;
 	char	   *schema;
 	Oid			nspid = InvalidOid;
-	Oid			read_types[1] = {INT8OID};
+	Oid			read_types[2] = {INT8OID, INT8OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	Oid			tid_types[2] = {TIDARRAYOID, INT8OID};
 
@@ -524,8 +423,8 @@ ck_prepare_plans(void)
 
 		plans[CK_PLAN_READ] = ck_keep_plan(
 			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid, first_refused_at FROM %s.%s "
-					 "WHERE id >= $1 ORDER BY id LIMIT %d",
-					 schema, CK_QUEUE_TABLE, ck_batch_size), 1, read_types);
+					 "WHERE id >= $1 ORDER BY id LIMIT $2",
+					 schema, CK_QUEUE_TABLE), 2, read_types);
 		/*
 		 * Delivered entries go by ctid, without an index lookup each. The
 		 * ids bound the delete: a row that took the place of a vanished
@@ -629,7 +528,8 @@ ck_copy_entry(HeapTuple tup, TupleDesc desc, CkEntry *e)
 #define CK_FETCH_ROWS 64
 
 /*
- * Read entries in id order into batch_cxt: up to cachekit.batch_size of
+ * Read entries in id order into batch_cxt, skipping those waiting for
+ * their retry: up to cachekit.batch_size of
  * them, and no more once cachekit.batch_bytes are read (at least one). The
  * rows come through a cursor a few at a time and each value is detoasted
  * only when copied, so that a batch of large write-through values costs
@@ -639,25 +539,32 @@ ck_copy_entry(HeapTuple tup, TupleDesc desc, CkEntry *e)
 static int
 ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full)
 {
-	Datum		args[1];
+	Datum		args[2];
 	Portal		portal;
 	CkEntry    *entries;
 	int			n = 0;
 	Size		bytes = 0;
 
 	args[0] = Int64GetDatum(read_floor);
+	/* entries waiting for their retry are skipped (waiting.c) */
+	args[1] = Int64GetDatum((int64) ck_batch_size + ck_waiting_nskipped());
 	portal = SPI_cursor_open(NULL, plans[CK_PLAN_READ], args, NULL, true);
 	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
 	*full = false;
 	while (n < ck_batch_size && !*full)
 	{
-		SPI_cursor_fetch(portal, true, Min(CK_FETCH_ROWS, ck_batch_size - n));
+		SPI_cursor_fetch(portal, true, CK_FETCH_ROWS);
 		if (SPI_processed == 0)
 			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
+		for (uint64 i = 0; i < SPI_processed && n < ck_batch_size; i++)
 		{
-			MemoryContext old = MemoryContextSwitchTo(batch_cxt);
+			MemoryContext old;
+			bool		isnull;
 
+			if (ck_waiting_skips(DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+															 SPI_tuptable->tupdesc, 1, &isnull))))
+				continue;
+			old = MemoryContextSwitchTo(batch_cxt);
 			bytes += ck_copy_entry(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &entries[n++]);
 			MemoryContextSwitchTo(old);
 			if (bytes >= (Size) ck_batch_bytes && n < ck_batch_size)
@@ -794,6 +701,18 @@ ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 	}
 }
 
+/* After settling: tell waiting.c which entries were refused now. */
+static void
+ck_update_waiting(CkEntry *entries, int n)
+{
+	bool	   *refused = palloc(sizeof(bool) * (n + 1));
+
+	for (int i = 0; i < n; i++)
+		refused[i] = (ck_fate(&entries[i]) == CK_FATE_RETRY);
+	ck_waiting_update(entries, n, refused);
+	pfree(refused);
+}
+
 /* One pass: read a batch, deliver it, settle it. */
 static CkPass
 ck_pass(MemoryContext batch_cxt)
@@ -817,6 +736,7 @@ ck_pass(MemoryContext batch_cxt)
 	pg_memory_barrier();
 
 	ck_begin("reading queue");
+	ck_waiting_start_pass();
 	if (ck_prepare_plans())
 		n = ck_read_batch(batch_cxt, &entries, &full);
 	batch_ext = plans_ext;
@@ -847,7 +767,7 @@ ck_pass(MemoryContext batch_cxt)
 		return CK_PASS_FAILED;
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
-	ck_hold_cooling(entries, n);
+	ck_waiting_hold(entries, n);
 	ok = ck_deliver(entries, n, &stats, &err);
 	if (!ok)
 	{
@@ -884,7 +804,7 @@ ck_pass(MemoryContext batch_cxt)
 	{
 		ck_settle_batch(entries, n, read_filenode);
 		ck_advance_floor(plans_queue, entries, n, covered);
-		ck_update_cooling(entries, n);
+		ck_update_waiting(entries, n);
 	}
 	ck_commit();
 	MemoryContextSwitchTo(batch_cxt);
@@ -1150,12 +1070,12 @@ cachekit_worker_main(Datum arg)
 		else
 			wait_ms = CK_IDLE_TIMEOUT_MS;
 		/* an entry refused earlier is due for its retry */
-		if (retry_at == 0 && next_refusal_retry != 0)
+		if (retry_at == 0 && ck_waiting_next_retry() != 0)
 		{
 			long		secs;
 			int			usecs;
 
-			TimestampDifference(GetCurrentTimestamp(), next_refusal_retry, &secs, &usecs);
+			TimestampDifference(GetCurrentTimestamp(), ck_waiting_next_retry(), &secs, &usecs);
 			wait_ms = Min(wait_ms, secs * 1000 + usecs / 1000 + 1);
 		}
 

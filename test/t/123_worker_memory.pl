@@ -60,32 +60,33 @@ sub memory_used
 {
 	my $off = log_offset($node);
 	sql("SELECT pg_log_backend_memory_contexts($pid)");
-	my $used;
+	my ($used, $batch);
 	wait_for(
 		sub {
-			($used) = log_since($node, $off) =~ /Grand total: \d+ bytes in \d+ blocks; \d+ free \(\d+ chunks\); (\d+) used/;
-			defined $used;
+			my $log = log_since($node, $off);
+			($used)  = $log =~ /Grand total: \d+ bytes in \d+ blocks; \d+ free \(\d+ chunks\); (\d+) used/;
+			($batch) = $log =~ /cachekit batch: \d+ total in \d+ blocks; \d+ free \(\d+ chunks\); (\d+) used/;
+			defined $used && defined $batch;
 		},
 		30);
-	return ($used // -1, proc_status($pid)->{VmRSS});
+	# the batch context is emptied after every pass: the log may catch one in it
+	return (defined $used ? $used - $batch : -1, proc_status($pid)->{VmRSS});
 }
 
 sub wait_cycles
 {
 	my ($n) = @_;
 	my $f0 = stat_of('failed_attempts');
-	return wait_for(sub { stat_of('failed_attempts') >= $f0 + $n }, 180);
+	return wait_for(sub { stat_of('failed_attempts') >= $f0 + $n }, 120);
 }
 
 sql(q{ALTER SYSTEM SET cachekit.retry_max_delay = '10ms'});
 sql('SELECT pg_reload_conf()');
-sql(q{SELECT cachekit_delete('k1', 'k2')});
-sql(q{SELECT cachekit_flush_tag('t1')});
-sql(q{UPDATE big SET payload = 'small' WHERE id = 0});
 
 my $busy = start_fake_redis(error => 'BUSY Redis is busy running a script.', setup_ok => 1);
 my $refuse = start_fake_redis(error => 'ERR refused by the test', setup_ok => 1);
 my $loading = start_fake_redis(error => 'LOADING Redis is loading the dataset in memory');
+my $queued = 0;
 for my $case (
 	[ 'nothing listening',                  dead_url() ],
 	[ 'connection set-up refused (LOADING)', $loading->{url} ],
@@ -95,11 +96,19 @@ for my $case (
 	my ($what, $url) = @$case;
 	sql("ALTER SYSTEM SET cachekit.redis_url = '$url'");
 	sql('SELECT pg_reload_conf()');
+	if (!$queued++)
+	{
+		# queued only now, so that they stay queued through every case
+		ok(wait_for(sub { sql('SHOW cachekit.redis_url') eq $url }, 30), 'URL changed');
+		sql(q{SELECT cachekit_delete('k1', 'k2')});
+		sql(q{SELECT cachekit_flush_tag('t1')});
+		sql(q{UPDATE big SET payload = 'small' WHERE id = 0});
+	}
 	ok(wait_cycles(200), "$what: 200 failed cycles (warm-up)");
 	my ($used0, $rss0) = memory_used();
 	ok(wait_cycles(1000), "$what: 1000 more failed cycles");
 	my ($used1, $rss1) = memory_used();
-	note "$what: memory contexts used $used0 -> $used1 bytes, VmRSS $rss0 -> $rss1 kB";
+	note "$what: memory contexts used (but the batch) $used0 -> $used1 bytes, VmRSS $rss0 -> $rss1 kB";
 	cmp_ok($used0, '>', 0, "$what: memory contexts logged");
 	cmp_ok($used1 - $used0, '<', 64 * 1024, "$what: memory contexts did not grow (" . ($used1 - $used0) . ' bytes)');
 	cmp_ok($rss1 - $rss0, '<', 4096, "$what: VmRSS did not grow (" . ($rss1 - $rss0) . ' kB)');
