@@ -728,6 +728,7 @@ ck_pass(MemoryContext batch_cxt)
 	bool		transient = false;
 	bool		full = false;
 	int			settled = 0;
+	int			skipped = 0;
 	bool		ok;
 	MemoryContext old;
 
@@ -737,6 +738,7 @@ ck_pass(MemoryContext batch_cxt)
 
 	ck_begin("reading queue");
 	ck_waiting_start_pass();
+	skipped = ck_waiting_nskipped();
 	if (ck_prepare_plans())
 		n = ck_read_batch(batch_cxt, &entries, &full);
 	batch_ext = plans_ext;
@@ -831,9 +833,13 @@ ck_pass(MemoryContext batch_cxt)
 	/* Redis itself is not taking work: back off */
 	if (transient)
 		return CK_PASS_FAILED;
-	/* refused entries wait for their own retry; the rest goes on */
+	/*
+	 * Refused entries wait for their own retry; the rest goes on. A full
+	 * batch is followed at once by the next if this one settled entries or
+	 * found more to skip (both bounded), never just to hold the same ones.
+	 */
 	last_pass_entries = settled;
-	return full && settled > 0 ? CK_PASS_MORE : CK_PASS_IDLE;
+	return full && (settled > 0 || ck_waiting_nskipped() > skipped) ? CK_PASS_MORE : CK_PASS_IDLE;
 }
 
 /* Vacuum the queue; "shrink" lets it give emptied pages at its end back. */

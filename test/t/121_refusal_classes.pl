@@ -109,6 +109,29 @@ ok(wait_for(sub { !redis_exists($redis, 'flow:1') }, 3),
 	'a delete committed meanwhile is delivered at once, not after the refused entry\'s backoff');
 is(queue_depth(), '1', 'only the refused entry waits');
 
+# a hot key whose write is refused: its later writes wait too, but do not
+# take the batch's slots (batch_size 10, 40 of them waiting)
+sql(q{
+CREATE TABLE hot (id int PRIMARY KEY, v int);
+CREATE TRIGGER hot_cache AFTER INSERT OR UPDATE ON hot
+	FOR EACH ROW EXECUTE FUNCTION cachekit_write_through('key=user:hot', 'tag=wrong3');
+});
+redis_cmd($redis, 'SET', 'tag:wrong3', 'a string');
+ok(reload_setting('cachekit.batch_size', '10'), 'batch_size 10');
+sql(q{INSERT INTO hot VALUES (1, 0)});
+ok(wait_for(sub { sql('SELECT count(*) FROM cachekit_queue WHERE attempts > 0') >= 2 }, 30),
+	'the hot key\'s write is refused');
+sql(qq{UPDATE hot SET v = $_}) for 1 .. 40;
+redis_cmd($redis, 'SET', 'flow:2', 'x');
+sql(q{SELECT cachekit_delete('flow:2')});
+ok(wait_for(sub { !redis_exists($redis, 'flow:2') }, 20),
+	'a delete behind 40 waiting writes of one key and a batch of 10 is delivered');
+ok(!redis_exists($redis, 'user:hot'), 'the hot key holds no value while its writes are refused');
+redis_cmd($redis, 'DEL', 'tag:wrong3');
+ok(wait_for(sub { queue_depth() == 1 }, 60), 'once fixed, the hot key\'s writes go out (only the flush waits)');
+like(redis_cmd($redis, 'GET', 'user:hot') // '', qr/"v": ?40\b/, 'with the newest value');
+ok(reload_setting('cachekit.batch_size', '1000'), 'batch_size 1000');
+
 # dead_letter_after lowered by reload: it goes
 ok(reload_setting('cachekit.max_attempts', '2'), 'max_attempts 2');
 ok(reload_setting('cachekit.dead_letter_after', '1s'), 'dead_letter_after 1s by reload');
