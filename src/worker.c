@@ -701,6 +701,33 @@ ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 	}
 }
 
+/*
+ * Sum up a delivered batch: did Redis fail transiently or refuse entries,
+ * the first error, and how many entries leave the queue (delivered or
+ * dead-lettered).
+ */
+static int
+ck_tally(CkEntry *entries, int n, bool *transient, bool *refused, char **err)
+{
+	int			settled = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		CkErrorClass cls = entries[i].failed ? entries[i].errclass : CK_ERRCLASS_NONE;
+		CkFate		fate = ck_fate(&entries[i]);
+
+		if (cls == CK_ERRCLASS_TRANSIENT || cls == CK_ERRCLASS_SERVER)
+			*transient = true;
+		else if (cls == CK_ERRCLASS_ENTRY)
+			*refused = true;
+		if (fate == CK_FATE_DELIVERED || fate == CK_FATE_DEAD)
+			settled++;
+		if (cls != CK_ERRCLASS_NONE && cls != CK_ERRCLASS_HELD && *err == NULL)
+			*err = entries[i].error;
+	}
+	return settled;
+}
+
 /* After settling: tell waiting.c which entries were refused now. */
 static void
 ck_update_waiting(CkEntry *entries, int n)
@@ -781,20 +808,7 @@ ck_pass(MemoryContext batch_cxt)
 	MemoryContextSwitchTo(old);
 
 	settle_time = GetCurrentTimestamp();
-	for (int i = 0; i < n; i++)
-	{
-		CkErrorClass cls = entries[i].failed ? entries[i].errclass : CK_ERRCLASS_NONE;
-
-		if (cls == CK_ERRCLASS_TRANSIENT || cls == CK_ERRCLASS_SERVER)
-			transient = true;
-		else if (cls == CK_ERRCLASS_ENTRY)
-			refused = true;
-		if ((cls == CK_ERRCLASS_NONE || cls == CK_ERRCLASS_ENTRY) &&
-			(cls == CK_ERRCLASS_NONE || ck_fate(&entries[i]) == CK_FATE_DEAD))
-			settled++;
-		if (cls != CK_ERRCLASS_NONE && cls != CK_ERRCLASS_HELD && !err)
-			err = entries[i].error;
-	}
+	settled = ck_tally(entries, n, &transient, &refused, &err);
 
 	/*
 	 * Settle in the queue the batch was read from. If the extension was

@@ -266,24 +266,7 @@ sub start_fake_redis
 	my $port = PostgreSQL::Test::Cluster::get_free_port();
 	my $log  = "$PostgreSQL::Test::Utils::tmp_check/fake_redis_$port.log";
 	unlink $log;
-	my $listen = IO::Socket::INET->new(
-		LocalAddr => '127.0.0.1',
-		LocalPort => $port,
-		Listen    => 128,
-		ReuseAddr => 1,
-		Proto     => 'tcp') or croak "fake redis cannot listen on $port: $!";
-
-	my $pid = fork();
-	croak "fork failed: $!" unless defined $pid;
-	if ($pid == 0)
-	{
-		# never run the parent's END blocks (they stop nodes and servers)
-		$SIG{$_} = sub { POSIX::_exit(0) } for qw(TERM INT HUP);
-		eval { _fake_loop($listen, $log, \%opts); };
-		POSIX::_exit(0);
-	}
-	close $listen;
-	$fake_pids{$pid} = 1;
+	my $pid = _serve_in_child($port, sub { _fake_loop($_[0], $log, \%opts) });
 	note "fake redis (answers -$opts{error}) pid $pid on port $port";
 	return {
 		host => '127.0.0.1',
@@ -366,15 +349,56 @@ sub _fake_loop
 				print $lfh uc($args->[0] // '?'), "\n";
 				$out .= _fake_answer($args, $opts);
 			}
-			my $off = 0;
-			while ($off < length $out)
-			{
-				my $w = syswrite($fh, $out, length($out) - $off, $off);
-				last unless defined $w;
-				$off += $w;
-			}
+			_write_all($fh, $out);
 		}
 	}
+}
+
+# Listen on a loopback port and run $loop->($listen) in a child process;
+# returns the child's pid (killed when the test script exits).
+sub _serve_in_child
+{
+	my ($port, $loop) = @_;
+	my $listen = IO::Socket::INET->new(
+		LocalAddr => '127.0.0.1',
+		LocalPort => $port,
+		Listen    => 128,
+		ReuseAddr => 1,
+		Proto     => 'tcp') or croak "cannot listen on $port: $!";
+	my $pid = _child(sub { $loop->($listen) });
+	close $listen;
+	return $pid;
+}
+
+# Run $code in a child process that never runs the parent's END blocks
+# (they stop nodes and servers); returns its pid.
+sub _child
+{
+	my ($code) = @_;
+	my $pid = fork();
+	croak "fork failed: $!" unless defined $pid;
+	if ($pid == 0)
+	{
+		$SIG{$_} = sub { POSIX::_exit(0) } for qw(TERM INT HUP);
+		eval { $code->(); };
+		POSIX::_exit(0);
+	}
+	$fake_pids{$pid} = 1;
+	return $pid;
+}
+
+# Write all of $out to a client socket (a client gone is not an error).
+sub _write_all
+{
+	my ($fh, $out) = @_;
+	my $off = 0;
+	while ($off < length $out)
+	{
+		my $w = syswrite($fh, $out, length($out) - $off, $off);
+		last unless defined $w;
+		$off += $w;
+	}
+	return;
 }
 
 sub stop_fake_redis
@@ -539,13 +563,7 @@ sub _proxy_loop
 					$out = _raw_reply($up{$fd});
 					print $lfh "$name passed\n";
 				}
-				my $off = 0;
-				while ($off < length $out)
-				{
-					my $w = syswrite($fh, $out, length($out) - $off, $off);
-					last unless defined $w;
-					$off += $w;
-				}
+				_write_all($fh, $out);
 			}
 		}
 	}
@@ -559,22 +577,7 @@ sub start_fault_proxy
 	my $rules = "$PostgreSQL::Test::Utils::tmp_check/fault_proxy_$port.rules";
 	unlink $log;
 	_rules_write($rules, @rules);
-	my $listen = IO::Socket::INET->new(
-		LocalAddr => '127.0.0.1',
-		LocalPort => $port,
-		Listen    => 128,
-		ReuseAddr => 1,
-		Proto     => 'tcp') or croak "fault proxy cannot listen on $port: $!";
-	my $pid = fork();
-	croak "fork failed: $!" unless defined $pid;
-	if ($pid == 0)
-	{
-		$SIG{$_} = sub { POSIX::_exit(0) } for qw(TERM INT HUP);
-		eval { _proxy_loop($listen, $upstream, $rules, $log); };
-		POSIX::_exit(0);
-	}
-	close $listen;
-	$fake_pids{$pid} = 1;
+	my $pid = _serve_in_child($port, sub { _proxy_loop($_[0], $upstream, $rules, $log) });
 	note "fault proxy pid $pid on port $port in front of redis port $upstream->{port}";
 	return {
 		host  => '127.0.0.1',
@@ -610,20 +613,13 @@ sub start_monitor
 	_send($c, _resp_encode('MONITOR'));
 	my $ok = _read_line($c);
 	croak "MONITOR refused: $ok" unless $ok eq '+OK';
-	my $pid = fork();
-	croak "fork failed: $!" unless defined $pid;
-	if ($pid == 0)
-	{
-		$SIG{$_} = sub { POSIX::_exit(0) } for qw(TERM INT HUP);
-		open my $fh, '>>', $log or POSIX::_exit(1);
-		$fh->autoflush(1);
-		eval {
+	my $pid = _child(
+		sub {
+			open my $fh, '>>', $log or die "cannot write $log: $!";
+			$fh->autoflush(1);
 			while (1) { print $fh substr(_read_line($c), 1), "\n"; }
-		};
-		POSIX::_exit(0);
-	}
+		});
 	close $c->{sock};
-	$fake_pids{$pid} = 1;
 	return { pid => $pid, log => $log };
 }
 
