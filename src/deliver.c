@@ -70,7 +70,8 @@ static const char *flush_drain_script =
  * Tag set expiry: a set never gets an expiry it did not have (a reader may
  * have added a key without a TTL, and a set that expires before one of its
  * keys misses that key's flush). A set that has one (a reader's) is kept
- * alive at least as long as the key joining it: extended to the key's ttl,
+ * alive at least as long as the key joining it: extended to a second past
+ * the key's ttl,
  * or made persistent for a key without ttl. Without expiry the sets still
  * do not grow without bound from cachekit's side: a key joins a set once
  * however often it is written, and leaves it when its row's key or tag
@@ -102,7 +103,7 @@ static const char *apply_script =
 "  local left = redis.call('PTTL', s)\n"
 "  if left >= 0 then\n"
 "    if ttl == 0 then redis.call('PERSIST', s)\n"
-"    elseif left < ttl * 1000 then redis.call('PEXPIRE', s, ttl * 1000) end\n"
+"    elseif left < ttl * 1000 + 1000 then redis.call('PEXPIRE', s, ttl * 1000 + 1000) end\n"
 "  end\n"
 "end\n"
 "for i = njoin + 2, #KEYS do redis.call('SREM', KEYS[i], key) end\n"
