@@ -293,17 +293,28 @@ void
 ck_waiting_update(CkEntry *entries, int n, const bool *refused)
 {
 	TimestampTz now = GetCurrentTimestamp();
-	MemoryContext old = MemoryContextSwitchTo(waiting_cxt);
-	CkRetry    *next = palloc(sizeof(CkRetry) * (nretries + n + 1));
-	int64	   *ids = palloc(sizeof(int64) * (nskipped + n + 1));
+	MemoryContext old;
+	CkRetry    *next;
+	int64	   *ids;
 	CkBlocked  *keys;
 	int			nnext = 0,
 				nids = nskipped,
 				nkeys = nblocked,
 				room = nblocked;
+	bool		any = false;
 
 	for (int i = 0; i < n; i++)
-		room += entries[i].kind == CK_KIND_INVALIDATE ? entries[i].nkeys : 1;
+		if (refused[i] || (entries[i].failed && entries[i].errclass == CK_ERRCLASS_HELD))
+		{
+			room += entries[i].kind == CK_KIND_INVALIDATE ? entries[i].nkeys : 1;
+			any = true;
+		}
+	/* the usual case: nothing waits */
+	if (!any && nretries == 0)
+		return;
+	old = MemoryContextSwitchTo(waiting_cxt);
+	next = palloc(sizeof(CkRetry) * (nretries + n + 1));
+	ids = palloc(sizeof(int64) * (nskipped + n + 1));
 	keys = palloc(sizeof(CkBlocked) * (room + 1));
 	memcpy(ids, skipped, sizeof(int64) * nskipped);
 	memcpy(keys, blocked, sizeof(CkBlocked) * nblocked);
