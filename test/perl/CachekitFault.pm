@@ -315,9 +315,12 @@ sub _fake_answer
 	return "-$opts->{error}\r\n";
 }
 
-sub _fake_loop
+# Serve RESP clients on $listen until killed: $answer->($fd, \@args, $logfh)
+# returns the reply bytes of one command; $opened/$closed (optional) are
+# called with a client's fd.
+sub _serve_loop
 {
-	my ($listen, $log, $opts) = @_;
+	my ($listen, $log, $answer, $opened, $closed) = @_;
 	open my $lfh, '>>', $log or die "cannot write $log: $!";
 	$lfh->autoflush(1);
 	my $sel = IO::Select->new($listen);
@@ -332,26 +335,41 @@ sub _fake_loop
 				binmode $client;
 				$sel->add($client);
 				$buf{ fileno $client } = '';
+				$opened->(fileno $client) if $opened;
 				next;
 			}
-			my $n = sysread($fh, my $chunk, 65536);
+			my $fd = fileno $fh;
+			my $n  = sysread($fh, my $chunk, 65536);
 			if (!$n)
 			{
 				$sel->remove($fh);
-				delete $buf{ fileno $fh };
+				$closed->($fd) if $closed;
+				delete $buf{$fd};
 				close $fh;
 				next;
 			}
-			$buf{ fileno $fh } .= $chunk;
+			$buf{$fd} .= $chunk;
 			my $out = '';
-			while (my $args = _fake_parse(\$buf{ fileno $fh }))
+			while (my $args = _fake_parse(\$buf{$fd}))
 			{
-				print $lfh uc($args->[0] // '?'), "\n";
-				$out .= _fake_answer($args, $opts);
+				$out .= $answer->($fd, $args, $lfh);
 			}
 			_write_all($fh, $out);
 		}
 	}
+}
+
+sub _fake_loop
+{
+	my ($listen, $log, $opts) = @_;
+	_serve_loop(
+		$listen, $log,
+		sub {
+			my (undef, $args, $lfh) = @_;
+			print $lfh uc($args->[0] // '?'), "\n";
+			return _fake_answer($args, $opts);
+		});
+	return;
 }
 
 # Listen on a loopback port and run $loop->($listen) in a child process;
@@ -503,70 +521,37 @@ sub _raw_reply
 sub _proxy_loop
 {
 	my ($listen, $upstream, $rules_file, $log) = @_;
-	open my $lfh, '>>', $log or die "cannot write $log: $!";
-	$lfh->autoflush(1);
-	my $sel = IO::Select->new($listen);
-	my (%buf, %up);
+	my %up;
 	my ($rules_mtime, @rules) = (-1);
-	while (1)
-	{
-		for my $fh ($sel->can_read(1))
+	my $answer = sub {
+		my ($fd, $args, $lfh) = @_;
+		my $mtime = (stat $rules_file)[9] // 0;
+		if ($mtime != $rules_mtime || !@rules)
 		{
-			if ($fh == $listen)
-			{
-				my $client = $listen->accept or next;
-				binmode $client;
-				$sel->add($client);
-				$buf{ fileno $client } = '';
-				$up{ fileno $client } = _resp_connect({ port => $upstream->{port} });
-				next;
-			}
-			my $fd = fileno $fh;
-			my $n  = sysread($fh, my $chunk, 65536);
-			if (!$n)
-			{
-				$sel->remove($fh);
-				close $up{$fd}{sock};
-				delete $buf{$fd};
-				delete $up{$fd};
-				close $fh;
-				next;
-			}
-			$buf{$fd} .= $chunk;
-			while (my $args = _fake_parse(\$buf{$fd}))
-			{
-				my $mtime = (stat $rules_file)[9] // 0;
-				if ($mtime != $rules_mtime || !@rules)
-				{
-					$rules_mtime = $mtime;
-					open my $rf, '<', $rules_file or die "no $rules_file";
-					@rules = map { chomp; [ split /\t/, $_, 3 ] } <$rf>;
-					close $rf;
-				}
-				my $text = join ' ', @$args;
-				my $out;
-				for my $r (@rules)
-				{
-					next unless $r->[0] != 0 && $text =~ /$r->[1]/;
-					$r->[0]-- if $r->[0] > 0;
-					$out = "-$r->[2]\r\n";
-					last;
-				}
-				my $name = uc($args->[0] // '?');
-				if (defined $out)
-				{
-					print $lfh "$name injected\n";
-				}
-				else
-				{
-					_send($up{$fd}, _resp_encode(@$args));
-					$out = _raw_reply($up{$fd});
-					print $lfh "$name passed\n";
-				}
-				_write_all($fh, $out);
-			}
+			$rules_mtime = $mtime;
+			open my $rf, '<', $rules_file or die "no $rules_file";
+			@rules = map { chomp; [ split /\t/, $_, 3 ] } <$rf>;
+			close $rf;
 		}
-	}
+		my $text = join ' ', @$args;
+		my $name = uc($args->[0] // '?');
+		for my $r (@rules)
+		{
+			next unless $r->[0] != 0 && $text =~ /$r->[1]/;
+			$r->[0]-- if $r->[0] > 0;
+			print $lfh "$name injected\n";
+			return "-$r->[2]\r\n";
+		}
+		_send($up{$fd}, _resp_encode(@$args));
+		my $out = _raw_reply($up{$fd});
+		print $lfh "$name passed\n";
+		return $out;
+	};
+	_serve_loop(
+		$listen, $log, $answer,
+		sub { $up{ $_[0] } = _resp_connect({ port => $upstream->{port} }); },
+		sub { close $up{ $_[0] }{sock}; delete $up{ $_[0] }; });
+	return;
 }
 
 sub start_fault_proxy
