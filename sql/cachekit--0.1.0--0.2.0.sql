@@ -98,3 +98,12 @@ CREATE TRIGGER cachekit_replica_guard
 	BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.cachekit_dead_letter
 	FOR EACH ROW EXECUTE FUNCTION @extschema@.cachekit_replica_guard();
 ALTER TABLE @extschema@.cachekit_dead_letter ENABLE REPLICA TRIGGER cachekit_replica_guard;
+
+-- ---- delivery: refusals dead-letter by attempts and time (issue 9, item 7) ----
+-- When Redis first refused an entry (a counted refusal: WRONGTYPE, a key
+-- outside the worker's ACL key patterns...). An entry moves to
+-- cachekit_dead_letter only once it was refused cachekit.max_attempts times
+-- and this is cachekit.dead_letter_after old; the dead letter keeps it.
+-- NULL until the first refusal; the writers' direct insert leaves it NULL.
+ALTER TABLE @extschema@.cachekit_queue ADD COLUMN first_refused_at timestamptz;
+ALTER TABLE @extschema@.cachekit_dead_letter ADD COLUMN first_refused_at timestamptz;

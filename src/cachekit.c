@@ -34,6 +34,8 @@ int			ck_retry_max_delay = 2000;
 int			ck_connect_timeout = 2000;
 int			ck_command_timeout = 5000;
 int			ck_max_attempts = 5;
+int			ck_dead_letter_after = 600;
+int			ck_batch_bytes = 16 * 1024 * 1024;
 int			ck_max_value_bytes = 512 * 1024;
 
 /*---- shared state ----*/
@@ -151,6 +153,24 @@ _PG_init(void)
 							NULL,
 							&ck_max_value_bytes,
 							512 * 1024, 1, 512 * 1024 * 1024,
+							PGC_SIGHUP,
+							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.dead_letter_after",
+							"Time an entry must have been refused for before it moves to cachekit_dead_letter.",
+							"Both this and cachekit.max_attempts must be reached; 0 dead-letters after max_attempts alone.",
+							&ck_dead_letter_after,
+							600, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.batch_bytes",
+							"Largest size of the queue entries the worker reads into one batch.",
+							"A batch ends at cachekit.batch_size entries or at this many bytes of keys, tags and values, whichever comes first; it holds at least one entry.",
+							&ck_batch_bytes,
+							16 * 1024 * 1024, 64 * 1024, 1024 * 1024 * 1024,
 							PGC_SIGHUP,
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);

@@ -55,6 +55,8 @@ extern int	ck_connect_timeout;
 extern int	ck_command_timeout;
 extern int	ck_max_attempts;
 extern int	ck_max_value_bytes;
+extern int	ck_dead_letter_after;
+extern int	ck_batch_bytes;
 
 /*---- shared memory (cachekit.c) ----*/
 
@@ -192,6 +194,19 @@ extern void ck_queue_init(void);
 
 /*---- delivery of one batch to Redis (deliver.c) ----*/
 
+/*
+ * What a failure of an entry says about it (deliver.c decides, from the
+ * reply of Redis; the worker decides the entry's fate from it).
+ */
+typedef enum CkErrorClass
+{
+	CK_ERRCLASS_NONE,			/* delivered */
+	CK_ERRCLASS_HELD,			/* not sent: waits behind an earlier entry of its key */
+	CK_ERRCLASS_TRANSIENT,		/* goes away by itself: retried, not counted */
+	CK_ERRCLASS_SERVER,			/* Redis refuses everything: retried, not counted */
+	CK_ERRCLASS_ENTRY			/* this entry is refused: counted, may dead-letter */
+} CkErrorClass;
+
 /* one queue entry as the worker read it, and what became of it */
 typedef struct CkEntry
 {
@@ -207,8 +222,9 @@ typedef struct CkEntry
 	char	   *value;			/* write-through value, or NULL */
 	int			ttl;
 	int			attempts;		/* failed attempts before this one */
-	bool		failed;			/* Redis refused part of it */
-	bool		transient;		/* ...with an error worth retrying */
+	TimestampTz first_refused_at;	/* its first counted refusal, or 0 */
+	bool		failed;			/* Redis refused part of it, or it was held */
+	CkErrorClass errclass;		/* why, when failed */
 	char	   *error;			/* the first refusal */
 } CkEntry;
 
@@ -222,10 +238,14 @@ typedef struct CkDeliveryStats
 	uint64		values_too_large;
 } CkDeliveryStats;
 
+extern CkErrorClass ck_error_class(const char *msg);
 extern bool ck_deliver_prepare(char **errmsg);
 extern bool ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg);
 
 /*---- the worker (worker.c) ----*/
+
+/* the first retry delay after a failure (then doubling up to cachekit.retry_max_delay) */
+#define CK_FIRST_RETRY_MS 20
 
 PGDLLEXPORT void cachekit_worker_main(Datum arg);
 
@@ -233,6 +253,18 @@ PGDLLEXPORT void cachekit_worker_main(Datum arg);
 
 extern void ck_register_worker(void);
 PGDLLEXPORT void cachekit_launcher_main(Datum arg);
+
+/*---- refused entries waiting for their retry (waiting.c) ----*/
+
+extern void ck_waiting_forget(void);
+extern void ck_waiting_start_pass(void);
+extern int	ck_waiting_nskipped(void);
+extern bool ck_waiting_idle(void);
+extern int64 ck_waiting_min_skipped(void);
+extern bool ck_waiting_skips(int64 id);
+extern TimestampTz ck_waiting_next_retry(void);
+extern void ck_waiting_hold(CkEntry *entries, int n);
+extern void ck_waiting_update(CkEntry *entries, int n, const bool *refused);
 
 /*---- Redis (redis.c): the only part that includes hiredis ----*/
 
@@ -249,8 +281,7 @@ typedef struct CkRedisUrl
 typedef enum CkReplyStatus
 {
 	CK_REPLY_OK,
-	CK_REPLY_ERROR,				/* Redis refused this command */
-	CK_REPLY_TRANSIENT			/* LOADING, BUSY, OOM...: retry later */
+	CK_REPLY_ERROR				/* Redis refused this command (deliver.c classifies it) */
 } CkReplyStatus;
 
 typedef struct CkReply

@@ -500,25 +500,6 @@ ck_redis_append(int argc, const char **argv, const size_t *argvlen)
 				 errmsg("could not build a Redis command: %s", conn->errstr)));
 }
 
-/* Is a Redis error reply one that will go away by itself? */
-static bool
-ck_error_is_transient(const char *msg)
-{
-	static const char *const transient[] = {
-		"LOADING", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN",
-		"READONLY", "NOREPLICAS", "NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT", NULL
-	};
-
-	for (int i = 0; transient[i]; i++)
-	{
-		size_t		len = strlen(transient[i]);
-
-		if (strncmp(msg, transient[i], len) == 0 && (msg[len] == ' ' || msg[len] == '\0'))
-			return true;
-	}
-	return false;
-}
-
 /*
  * Read the next reply of the pipeline (sending what is queued first).
  * Returns false on a connection failure or timeout (*errmsg set; the
@@ -535,7 +516,7 @@ ck_redis_read(CkReply *reply, char **errmsg)
 	if (r->type == REDIS_REPLY_ERROR)
 	{
 		reply->error = pnstrdup(r->str, r->len);
-		reply->status = ck_error_is_transient(reply->error) ? CK_REPLY_TRANSIENT : CK_REPLY_ERROR;
+		reply->status = CK_REPLY_ERROR;
 	}
 	else
 	{

@@ -94,6 +94,8 @@ ck_localize_entry(Relation rel, HeapTuple tuple)
 	REPLACE("id", Int64GetDatum(nextval_internal(seqid, false)), false);
 	REPLACE("attempts", Int32GetDatum(0), false);
 	REPLACE("last_error", (Datum) 0, true);
+	if (attnameAttNum(rel, "first_refused_at", false) != InvalidAttrNumber)
+		REPLACE("first_refused_at", (Datum) 0, true);
 	kind = DatumGetChar(heap_getattr(tuple, kind_att, desc, &isnull));
 	if (!isnull && kind == CK_KIND_WRITE)
 	{

@@ -43,8 +43,6 @@
 
 /* how long an idle worker sleeps before looking at the queue anyway */
 #define CK_IDLE_TIMEOUT_MS 5000
-/* the first retry delay after a failure */
-#define CK_FIRST_RETRY_MS 20
 /*
  * Under load (a pass found at least CK_LINGER_MIN_ENTRIES entries) the
  * worker waits a little before the next pass instead of being woken by
@@ -160,20 +158,33 @@ ck_ensure_connection(void)
 typedef enum CkFate
 {
 	CK_FATE_DELIVERED,			/* Redis took it: delete it */
-	CK_FATE_WAIT,				/* a transient error: retry, attempts unchanged */
+	CK_FATE_WAIT,				/* held, transient or server error: retry, attempts unchanged */
 	CK_FATE_RETRY,				/* refused: count the attempt, retry */
-	CK_FATE_DEAD				/* refused cachekit.max_attempts times: dead letter */
+	CK_FATE_DEAD				/* refused max_attempts times over dead_letter_after: dead letter */
 } CkFate;
 
-/* The fate of an entry after its delivery attempt. */
+/* when the current batch is settled: dead_letter_after is measured to it */
+static TimestampTz settle_time = 0;
+
+/*
+ * The fate of an entry after its delivery attempt. An entry moves to the
+ * dead letters only when it was refused cachekit.max_attempts times AND its
+ * first refusal is cachekit.dead_letter_after old: the attempts alone come
+ * within a second, before anyone could fix the cause.
+ */
 static CkFate
 ck_fate(const CkEntry *e)
 {
+	TimestampTz first;
+
 	if (!e->failed)
 		return CK_FATE_DELIVERED;
-	if (e->transient)
+	if (e->errclass != CK_ERRCLASS_ENTRY)
 		return CK_FATE_WAIT;
-	if (e->attempts + 1 >= ck_max_attempts)
+	if (e->attempts + 1 < ck_max_attempts)
+		return CK_FATE_RETRY;
+	first = e->first_refused_at != 0 ? e->first_refused_at : settle_time;
+	if (settle_time - first >= (int64) ck_dead_letter_after * USECS_PER_SEC)
 		return CK_FATE_DEAD;
 	return CK_FATE_RETRY;
 }
@@ -273,6 +284,9 @@ ck_advance_floor(Oid queue, CkEntry *entries, int n, bool covered)
 		if (stays && entries[i].id < floor)
 			floor = entries[i].id;
 	}
+	/* nor past an entry the read skipped (it waits for its retry) */
+	if (ck_waiting_nskipped() > 0)
+		floor = Min(floor, ck_waiting_min_skipped());
 	read_floor = Max(read_floor, floor);
 	floor_candidate.valid = false;
 	ck_publish_floor(queue, read_floor);
@@ -352,6 +366,7 @@ ck_free_plans(void)
 	plans_ext = InvalidOid;
 	plans_queue = InvalidOid;
 	ck_reset_floor();
+	ck_waiting_forget();
 }
 
 /* Prepare and keep one statement. */
@@ -368,6 +383,64 @@ ck_keep_plan(const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
+ * Prepare the worker's statements for the queue of the extension in the
+ * (quoted) schema. A queue still of 0.1.0 (the library updated, ALTER
+ * EXTENSION UPDATE not run yet) has no first_refused_at: the statements do
+ * without it, and a refused entry keeps being retried, never dead-lettered
+ * (unless cachekit.dead_letter_after is 0), until the update.
+ */
+static void
+ck_make_plans(const char *schema, Oid queue)
+{
+	Oid			read_types[2] = {INT8OID, INT8OID};
+	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
+	Oid			tid_types[2] = {TIDARRAYOID, INT8OID};
+	bool		has_first = OidIsValid(queue) &&
+		get_attnum(queue, "first_refused_at") != InvalidAttrNumber;
+
+	plans[CK_PLAN_READ] = ck_keep_plan(
+		psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid, %s "
+				 "FROM %s.%s WHERE id OPERATOR(pg_catalog.>=) $1 "
+				 "ORDER BY id USING OPERATOR(pg_catalog.<) LIMIT $2",
+				 has_first ? "first_refused_at" : "NULL::pg_catalog.timestamptz",
+				 schema, CK_QUEUE_TABLE), 2, read_types);
+	/*
+	 * Delivered entries go by ctid, without an index lookup each. The ids
+	 * bound the delete: a row that took the place of a vanished entry since
+	 * the read (after a manual delete and a vacuum) was queued later and has
+	 * a higher id. A rewrite of the table (VACUUM FULL, CLUSTER, TRUNCATE)
+	 * moves rows: then ids are used instead.
+	 */
+	plans[CK_PLAN_DELETE] = ck_keep_plan(
+		psprintf("DELETE FROM %s.%s WHERE ctid OPERATOR(pg_catalog.=) ANY ($1) "
+				 "AND id OPERATOR(pg_catalog.<=) $2",
+				 schema, CK_QUEUE_TABLE), 2, tid_types);
+	plans[CK_PLAN_DELETE_IDS] = ck_keep_plan(
+		psprintf("DELETE FROM %s.%s WHERE id OPERATOR(pg_catalog.=) ANY ($1)",
+				 schema, CK_QUEUE_TABLE), 1, ids_types);
+	plans[CK_PLAN_RETRY] = ck_keep_plan(
+		psprintf("UPDATE %s.%s q SET attempts = q.attempts OPERATOR(pg_catalog.+) 1, "
+				 "last_error = u.err%s "
+				 "FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
+				 "WHERE q.id OPERATOR(pg_catalog.=) u.id",
+				 schema, CK_QUEUE_TABLE,
+				 has_first ? ", first_refused_at = coalesce(q.first_refused_at, pg_catalog.now())" : ""),
+		2, ids_types);
+	plans[CK_PLAN_DEAD] = ck_keep_plan(
+		psprintf("WITH moved AS (DELETE FROM %s.%s q "
+				 "USING ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
+				 "WHERE q.id OPERATOR(pg_catalog.=) u.id RETURNING q.*, u.err) "
+				 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, "
+				 "enqueued_at%s) "
+				 "SELECT id, kind, keys, tags, untags, value, ttl, "
+				 "attempts OPERATOR(pg_catalog.+) 1, err, enqueued_at%s FROM moved",
+				 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE,
+				 has_first ? ", first_refused_at" : "",
+				 has_first ? ", coalesce(first_refused_at, pg_catalog.now())" : ""),
+		2, ids_types);
+}
+
+/*
  * Make sure the kept plans belong to the extension installed now, and lock
  * its queue so that it cannot be dropped (and recreated) until the current
  * transaction ends. Returns false when the extension is not installed.
@@ -378,9 +451,6 @@ ck_prepare_plans(void)
 	Oid			ext;
 	char	   *schema;
 	Oid			nspid = InvalidOid;
-	Oid			read_types[1] = {INT8OID};
-	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
-	Oid			tid_types[2] = {TIDARRAYOID, INT8OID};
 
 	/* the usual case: lock the known queue, then check it is still ours */
 	if (OidIsValid(plans_ext))
@@ -401,40 +471,7 @@ ck_prepare_plans(void)
 		if (schema == NULL)
 			return false;
 
-		plans[CK_PLAN_READ] = ck_keep_plan(
-			psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid FROM %s.%s "
-					 "WHERE id OPERATOR(pg_catalog.>=) $1 "
-					 "ORDER BY id USING OPERATOR(pg_catalog.<) LIMIT %d",
-					 schema, CK_QUEUE_TABLE, ck_batch_size), 1, read_types);
-		/*
-		 * Delivered entries go by ctid, without an index lookup each. The
-		 * ids bound the delete: a row that took the place of a vanished
-		 * entry since the read (after a manual delete and a vacuum) was
-		 * queued later and has a higher id. A rewrite of the table (VACUUM
-		 * FULL, CLUSTER, TRUNCATE) moves rows: then ids are used instead.
-		 */
-		plans[CK_PLAN_DELETE] = ck_keep_plan(
-			psprintf("DELETE FROM %s.%s WHERE ctid OPERATOR(pg_catalog.=) ANY ($1) "
-					 "AND id OPERATOR(pg_catalog.<=) $2",
-					 schema, CK_QUEUE_TABLE), 2, tid_types);
-		plans[CK_PLAN_DELETE_IDS] = ck_keep_plan(
-			psprintf("DELETE FROM %s.%s WHERE id OPERATOR(pg_catalog.=) ANY ($1)",
-					 schema, CK_QUEUE_TABLE),
-			1, ids_types);
-		plans[CK_PLAN_RETRY] = ck_keep_plan(
-			psprintf("UPDATE %s.%s q SET attempts = q.attempts OPERATOR(pg_catalog.+) 1, "
-					 "last_error = u.err "
-					 "FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
-					 "WHERE q.id OPERATOR(pg_catalog.=) u.id",
-					 schema, CK_QUEUE_TABLE), 2, ids_types);
-		plans[CK_PLAN_DEAD] = ck_keep_plan(
-			psprintf("WITH moved AS (DELETE FROM %s.%s q "
-					 "USING ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
-					 "WHERE q.id OPERATOR(pg_catalog.=) u.id RETURNING q.*, u.err) "
-					 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, enqueued_at) "
-					 "SELECT id, kind, keys, tags, untags, value, ttl, "
-					 "attempts OPERATOR(pg_catalog.+) 1, err, enqueued_at FROM moved",
-					 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE), 2, ids_types);
+		ck_make_plans(schema, get_relname_relid(CK_QUEUE_TABLE, nspid));
 		plans_ext = ext;
 		plans_queue = get_relname_relid(CK_QUEUE_TABLE, nspid);
 	}
@@ -450,9 +487,9 @@ ck_prepare_plans(void)
 	return true;
 }
 
-/* Copy a text[] datum into an array of C strings in the current context. */
+/* Copy a text[] datum into an array of C strings; returns the count, adds their bytes. */
 static int
-ck_copy_text_array(Datum d, char ***out)
+ck_copy_text_array(Datum d, char ***out, Size *bytes)
 {
 	ArrayType  *arr = DatumGetArrayTypeP(d);
 	Datum	   *elems;
@@ -462,48 +499,108 @@ ck_copy_text_array(Datum d, char ***out)
 	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
 	*out = palloc(sizeof(char *) * (n + 1));
 	for (int i = 0; i < n; i++)
+	{
 		(*out)[i] = nulls[i] ? pstrdup("") : TextDatumGetCString(elems[i]);
+		*bytes += strlen((*out)[i]) + sizeof(char *) + 1;
+	}
+	pfree(elems);
+	pfree(nulls);
+	if ((Pointer) arr != DatumGetPointer(d))
+		pfree(arr);
 	return n;
 }
 
-/* Read up to batch_size entries in id order into batch_cxt. */
-static int
-ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out)
+/* Copy a text datum into a C string without keeping a detoasted copy. */
+static char *
+ck_copy_text(Datum d, Size *bytes)
 {
-	Datum		args[1];
-	int			rc;
+	text	   *t = DatumGetTextPP(d);
+	char	   *s = text_to_cstring(t);
+
+	if ((Pointer) t != DatumGetPointer(d))
+		pfree(t);
+	*bytes += strlen(s) + 1;
+	return s;
+}
+
+/* Copy one row of the read into an entry; returns its size in bytes. */
+static Size
+ck_copy_entry(HeapTuple tup, TupleDesc desc, CkEntry *e)
+{
+	Size		bytes = sizeof(CkEntry);
+	bool		isnull;
+	Datum		d;
+
+	e->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	e->kind = DatumGetChar(SPI_getbinval(tup, desc, 2, &isnull));
+	e->nkeys = ck_copy_text_array(SPI_getbinval(tup, desc, 3, &isnull), &e->keys, &bytes);
+	e->ntags = ck_copy_text_array(SPI_getbinval(tup, desc, 4, &isnull), &e->tags, &bytes);
+	e->nuntags = ck_copy_text_array(SPI_getbinval(tup, desc, 5, &isnull), &e->untags, &bytes);
+	d = SPI_getbinval(tup, desc, 6, &isnull);
+	e->value = isnull ? NULL : ck_copy_text(d, &bytes);
+	e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
+	e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 9, &isnull)), &e->ctid);
+	d = SPI_getbinval(tup, desc, 10, &isnull);
+	e->first_refused_at = isnull ? 0 : DatumGetTimestampTz(d);
+	return bytes;
+}
+
+/* rows fetched from the read cursor at a time (values stay toasted until copied) */
+#define CK_FETCH_ROWS 64
+
+/*
+ * Read entries in id order into batch_cxt, skipping those waiting for
+ * their retry: up to cachekit.batch_size of
+ * them, and no more once cachekit.batch_bytes are read (at least one). The
+ * rows come through a cursor a few at a time and each value is detoasted
+ * only when copied, so that a batch of large write-through values costs
+ * its byte budget, not the sum of its values. *full says whether the read
+ * stopped at a limit (there may be more).
+ */
+static int
+ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full)
+{
+	Datum		args[2];
+	Portal		portal;
 	CkEntry    *entries;
-	int			n;
+	int			n = 0;
+	Size		bytes = 0;
 
 	args[0] = Int64GetDatum(read_floor);
-	rc = SPI_execute_plan(plans[CK_PLAN_READ], args, NULL, true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "cachekit worker could not read its queue: %s", SPI_result_code_string(rc));
-
-	n = (int) SPI_processed;
-	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (n + 1));
-	for (int i = 0; i < n; i++)
+	/* entries waiting for their retry are skipped (waiting.c) */
+	args[1] = Int64GetDatum((int64) ck_batch_size + ck_waiting_nskipped());
+	portal = SPI_cursor_open(NULL, plans[CK_PLAN_READ], args, NULL, true);
+	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
+	*full = false;
+	while (n < ck_batch_size && !*full)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		CkEntry    *e = &entries[i];
-		bool		isnull;
-		Datum		d;
-		MemoryContext old;
+		SPI_cursor_fetch(portal, true, CK_FETCH_ROWS);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed && n < ck_batch_size; i++)
+		{
+			MemoryContext old;
+			bool		isnull;
 
-		old = MemoryContextSwitchTo(batch_cxt);
-		e->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		e->kind = DatumGetChar(SPI_getbinval(tup, desc, 2, &isnull));
-		e->nkeys = ck_copy_text_array(SPI_getbinval(tup, desc, 3, &isnull), &e->keys);
-		e->ntags = ck_copy_text_array(SPI_getbinval(tup, desc, 4, &isnull), &e->tags);
-		e->nuntags = ck_copy_text_array(SPI_getbinval(tup, desc, 5, &isnull), &e->untags);
-		d = SPI_getbinval(tup, desc, 6, &isnull);
-		e->value = isnull ? NULL : TextDatumGetCString(d);
-		e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
-		e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
-		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 9, &isnull)), &e->ctid);
-		MemoryContextSwitchTo(old);
+			if (ck_waiting_skips(DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+															 SPI_tuptable->tupdesc, 1, &isnull))))
+				continue;
+			old = MemoryContextSwitchTo(batch_cxt);
+			bytes += ck_copy_entry(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &entries[n++]);
+			MemoryContextSwitchTo(old);
+			if (bytes >= (Size) ck_batch_bytes && n < ck_batch_size)
+			{
+				/* over the budget: the rest of this fetch waits for the next batch */
+				*full = true;
+				break;
+			}
+		}
+		SPI_freetuptable(SPI_tuptable);
 	}
+	SPI_cursor_close(portal);
+	if (n >= ck_batch_size)
+		*full = true;
 	*entries_out = entries;
 	return n;
 }
@@ -626,6 +723,45 @@ ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 	}
 }
 
+/*
+ * Sum up a delivered batch: did Redis fail transiently or refuse entries,
+ * the first error, and how many entries leave the queue (delivered or
+ * dead-lettered).
+ */
+static int
+ck_tally(CkEntry *entries, int n, bool *transient, bool *refused, char **err)
+{
+	int			settled = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		CkErrorClass cls = entries[i].failed ? entries[i].errclass : CK_ERRCLASS_NONE;
+		CkFate		fate = ck_fate(&entries[i]);
+
+		if (cls == CK_ERRCLASS_TRANSIENT || cls == CK_ERRCLASS_SERVER)
+			*transient = true;
+		else if (cls == CK_ERRCLASS_ENTRY)
+			*refused = true;
+		if (fate == CK_FATE_DELIVERED || fate == CK_FATE_DEAD)
+			settled++;
+		if (cls != CK_ERRCLASS_NONE && cls != CK_ERRCLASS_HELD && *err == NULL)
+			*err = entries[i].error;
+	}
+	return settled;
+}
+
+/* After settling: tell waiting.c which entries were refused now. */
+static void
+ck_update_waiting(CkEntry *entries, int n)
+{
+	bool	   *refused = palloc(sizeof(bool) * (n + 1));
+
+	for (int i = 0; i < n; i++)
+		refused[i] = (ck_fate(&entries[i]) == CK_FATE_RETRY);
+	ck_waiting_update(entries, n, refused);
+	pfree(refused);
+}
+
 /* One pass: read a batch, deliver it, settle it. */
 static CkPass
 ck_pass(MemoryContext batch_cxt)
@@ -639,10 +775,13 @@ ck_pass(MemoryContext batch_cxt)
 	char	   *err = NULL;
 	bool		refused = false;
 	bool		transient = false;
+	bool		full = false;
+	int			settled = 0;
+	int			skipped = 0;
 	bool		ok;
 	MemoryContext old;
 	uint64		pass_no;
-	bool		settled;
+	bool		batch_settled;
 
 	/* commits from now on must wake us again: their work may miss this read */
 	pg_atomic_write_u32(&ck_shared->wake_requested, 0);
@@ -650,22 +789,26 @@ ck_pass(MemoryContext batch_cxt)
 	pass_no = pg_atomic_add_fetch_u64(&ck_shared->passes, 1);
 
 	ck_begin("reading queue");
+	ck_waiting_start_pass();
+	skipped = ck_waiting_nskipped();
 	if (ck_prepare_plans())
-		n = ck_read_batch(batch_cxt, &entries);
+		n = ck_read_batch(batch_cxt, &entries, &full);
 	batch_ext = plans_ext;
 	last_pass_entries = n;
 	read_filenode = OidIsValid(plans_queue) ? ck_queue_filenode() : InvalidOid;
 	/* did this read see every entry up to a matured floor candidate? */
 	covered = floor_candidate.valid && floor_candidate.mature &&
-		(n < ck_batch_size || entries[n - 1].id >= floor_candidate.last_id);
+		(!full || entries[n - 1].id >= floor_candidate.last_id);
 	if (n > 0)
 		ck_propose_floor(plans_queue, entries[n - 1].id);
 	ck_commit();
+	/* what is left of this pass is made in batch_cxt, reset after each pass */
+	MemoryContextSwitchTo(batch_cxt);
 
 	if (n == 0)
 	{
 		/* nothing committed before this pass's snapshot waits */
-		if (OidIsValid(batch_ext))
+		if (OidIsValid(batch_ext) && ck_waiting_idle())
 			ck_publish_drained(plans_queue, pass_no);
 		/* connect while idle too, so cachekit_stats tells whether Redis is up */
 		if (OidIsValid(batch_ext) && !ck_redis_connected())
@@ -681,6 +824,7 @@ ck_pass(MemoryContext batch_cxt)
 		return CK_PASS_FAILED;
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
+	ck_waiting_hold(entries, n);
 	ok = ck_deliver(entries, n, &stats, &err);
 	if (!ok)
 	{
@@ -691,15 +835,8 @@ ck_pass(MemoryContext batch_cxt)
 	}
 	MemoryContextSwitchTo(old);
 
-	for (int i = 0; i < n; i++)
-	{
-		if (entries[i].failed && entries[i].transient)
-			transient = true;
-		else if (entries[i].failed)
-			refused = true;
-		if (entries[i].failed && !err)
-			err = entries[i].error;
-	}
+	settle_time = GetCurrentTimestamp();
+	settled = ck_tally(entries, n, &transient, &refused, &err);
 
 	/*
 	 * Settle in the queue the batch was read from. If the extension was
@@ -707,8 +844,8 @@ ck_pass(MemoryContext batch_cxt)
 	 * ids may repeat the old ones, so nothing of it may be touched.
 	 */
 	ck_begin("settling batch");
-	settled = ck_prepare_plans() && plans_ext == batch_ext;
-	if (settled)
+	batch_settled = ck_prepare_plans() && plans_ext == batch_ext;
+	if (batch_settled)
 	{
 		ck_settle_batch(entries, n, read_filenode);
 		ck_advance_floor(plans_queue, entries, n, covered);
@@ -721,10 +858,12 @@ ck_pass(MemoryContext batch_cxt)
 		 * pruned.
 		 */
 		ck_propose_floor(plans_queue, entries[n - 1].id);
+		ck_update_waiting(entries, n);
 	}
 	ck_commit();
+	MemoryContextSwitchTo(batch_cxt);
 	/* a short batch with nothing left behind: the queue is drained up to it */
-	if (settled && n < ck_batch_size && !refused && !transient)
+	if (batch_settled && !full && !refused && !transient && ck_waiting_idle())
 		ck_publish_drained(plans_queue, pass_no);
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
@@ -744,12 +883,18 @@ ck_pass(MemoryContext batch_cxt)
 		ck_set_connected(false);
 	}
 	if (refused || transient)
-	{
 		ck_report_failure(psprintf("Redis refused a queue entry%s: %s",
 								   transient ? " (will retry)" : "", err), false);
+	/* Redis itself is not taking work: back off */
+	if (transient)
 		return CK_PASS_FAILED;
-	}
-	return n >= ck_batch_size ? CK_PASS_MORE : CK_PASS_IDLE;
+	/*
+	 * Refused entries wait for their own retry; the rest goes on. A full
+	 * batch is followed at once by the next if this one settled entries or
+	 * found more to skip (both bounded), never just to hold the same ones.
+	 */
+	last_pass_entries = settled;
+	return full && (settled > 0 || ck_waiting_nskipped() > skipped) ? CK_PASS_MORE : CK_PASS_IDLE;
 }
 
 /* Vacuum the queue; "shrink" lets it give emptied pages at its end back. */
@@ -869,6 +1014,7 @@ ck_pass_guarded(MemoryContext batch_cxt)
 		result = CK_PASS_FAILED;
 	}
 	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
 	return result;
 }
 
@@ -1034,6 +1180,15 @@ cachekit_worker_main(Datum arg)
 		}
 		else
 			wait_ms = CK_IDLE_TIMEOUT_MS;
+		/* an entry refused earlier is due for its retry */
+		if (retry_at == 0 && ck_waiting_next_retry() != 0)
+		{
+			long		secs;
+			int			usecs;
+
+			TimestampDifference(GetCurrentTimestamp(), ck_waiting_next_retry(), &secs, &usecs);
+			wait_ms = Min(wait_ms, secs * 1000 + usecs / 1000 + 1);
+		}
 
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   wait_ms, PG_WAIT_EXTENSION);

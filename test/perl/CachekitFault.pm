@@ -33,6 +33,7 @@ use Test::More;
 our @EXPORT = qw(
   resp_cmd resp_try resp_pipeline resp_exists resp_all_keys resp_fill
   start_fake_redis stop_fake_redis fake_commands
+  start_fault_proxy fault_proxy_rules fault_proxy_log start_monitor monitor_lines
   worker_pid_activity worker_activity wait_worker_busy wait_new_worker
   proc_status log_offset log_since count_matches conf_set_and_reload
   dead_url
@@ -265,24 +266,7 @@ sub start_fake_redis
 	my $port = PostgreSQL::Test::Cluster::get_free_port();
 	my $log  = "$PostgreSQL::Test::Utils::tmp_check/fake_redis_$port.log";
 	unlink $log;
-	my $listen = IO::Socket::INET->new(
-		LocalAddr => '127.0.0.1',
-		LocalPort => $port,
-		Listen    => 128,
-		ReuseAddr => 1,
-		Proto     => 'tcp') or croak "fake redis cannot listen on $port: $!";
-
-	my $pid = fork();
-	croak "fork failed: $!" unless defined $pid;
-	if ($pid == 0)
-	{
-		# never run the parent's END blocks (they stop nodes and servers)
-		$SIG{$_} = sub { POSIX::_exit(0) } for qw(TERM INT HUP);
-		eval { _fake_loop($listen, $log, \%opts); };
-		POSIX::_exit(0);
-	}
-	close $listen;
-	$fake_pids{$pid} = 1;
+	my $pid = _serve_in_child($port, sub { _fake_loop($_[0], $log, \%opts) });
 	note "fake redis (answers -$opts{error}) pid $pid on port $port";
 	return {
 		host => '127.0.0.1',
@@ -331,9 +315,12 @@ sub _fake_answer
 	return "-$opts->{error}\r\n";
 }
 
-sub _fake_loop
+# Serve RESP clients on $listen until killed: $answer->($fd, \@args, $logfh)
+# returns the reply bytes of one command; $opened/$closed (optional) are
+# called with a client's fd.
+sub _serve_loop
 {
-	my ($listen, $log, $opts) = @_;
+	my ($listen, $log, $answer, $opened, $closed) = @_;
 	open my $lfh, '>>', $log or die "cannot write $log: $!";
 	$lfh->autoflush(1);
 	my $sel = IO::Select->new($listen);
@@ -348,32 +335,88 @@ sub _fake_loop
 				binmode $client;
 				$sel->add($client);
 				$buf{ fileno $client } = '';
+				$opened->(fileno $client) if $opened;
 				next;
 			}
-			my $n = sysread($fh, my $chunk, 65536);
+			my $fd = fileno $fh;
+			my $n  = sysread($fh, my $chunk, 65536);
 			if (!$n)
 			{
 				$sel->remove($fh);
-				delete $buf{ fileno $fh };
+				$closed->($fd) if $closed;
+				delete $buf{$fd};
 				close $fh;
 				next;
 			}
-			$buf{ fileno $fh } .= $chunk;
+			$buf{$fd} .= $chunk;
 			my $out = '';
-			while (my $args = _fake_parse(\$buf{ fileno $fh }))
+			while (my $args = _fake_parse(\$buf{$fd}))
 			{
-				print $lfh uc($args->[0] // '?'), "\n";
-				$out .= _fake_answer($args, $opts);
+				$out .= $answer->($fd, $args, $lfh);
 			}
-			my $off = 0;
-			while ($off < length $out)
-			{
-				my $w = syswrite($fh, $out, length($out) - $off, $off);
-				last unless defined $w;
-				$off += $w;
-			}
+			_write_all($fh, $out);
 		}
 	}
+}
+
+sub _fake_loop
+{
+	my ($listen, $log, $opts) = @_;
+	_serve_loop(
+		$listen, $log,
+		sub {
+			my (undef, $args, $lfh) = @_;
+			print $lfh uc($args->[0] // '?'), "\n";
+			return _fake_answer($args, $opts);
+		});
+	return;
+}
+
+# Listen on a loopback port and run $loop->($listen) in a child process;
+# returns the child's pid (killed when the test script exits).
+sub _serve_in_child
+{
+	my ($port, $loop) = @_;
+	my $listen = IO::Socket::INET->new(
+		LocalAddr => '127.0.0.1',
+		LocalPort => $port,
+		Listen    => 128,
+		ReuseAddr => 1,
+		Proto     => 'tcp') or croak "cannot listen on $port: $!";
+	my $pid = _child(sub { $loop->($listen) });
+	close $listen;
+	return $pid;
+}
+
+# Run $code in a child process that never runs the parent's END blocks
+# (they stop nodes and servers); returns its pid.
+sub _child
+{
+	my ($code) = @_;
+	my $pid = fork();
+	croak "fork failed: $!" unless defined $pid;
+	if ($pid == 0)
+	{
+		$SIG{$_} = sub { POSIX::_exit(0) } for qw(TERM INT HUP);
+		eval { $code->(); };
+		POSIX::_exit(0);
+	}
+	$fake_pids{$pid} = 1;
+	return $pid;
+}
+
+# Write all of $out to a client socket (a client gone is not an error).
+sub _write_all
+{
+	my ($fh, $out) = @_;
+	my $off = 0;
+	while ($off < length $out)
+	{
+		my $w = syswrite($fh, $out, length($out) - $off, $off);
+		last unless defined $w;
+		$off += $w;
+	}
+	return;
 }
 
 sub stop_fake_redis
@@ -404,6 +447,171 @@ END
 		waitpid($pid, 0);
 	}
 	$? = $code;
+}
+
+##########################################################################
+# a proxy in front of a real Redis that injects errors, and MONITOR
+##########################################################################
+
+=pod
+
+=over
+
+=item start_fault_proxy($redis [, @rules])
+
+Forks a RESP proxy on a free loopback port in front of the real Redis
+$redis (AUTH forwarded as the client sends it). Each command is matched
+(its arguments joined by spaces) against the rules in order; the first rule
+that matches and has injections left answers with its error instead of
+passing the command on. A rule is { match => qr/.../, error => 'TEXT',
+times => N } (N < 0: for ever). Commands go upstream one at a time, so
+replies keep their order. Returns a hash with port, pid, url, log.
+
+=item fault_proxy_rules($proxy, @rules)
+
+Replaces the rules (the proxy reads them before each command).
+
+=item fault_proxy_log($proxy)
+
+"NAME injected" or "NAME passed" per command, in order.
+
+=item start_monitor($redis), monitor_lines($mon)
+
+Records MONITOR of $redis (also the commands scripts run) in a file; its
+lines so far.
+
+=back
+
+=cut
+
+sub _rules_write
+{
+	my ($file, @rules) = @_;
+	open my $fh, '>', "$file.tmp" or croak "cannot write $file: $!";
+	for my $r (@rules)
+	{
+		my $re = "$r->{match}";
+		croak 'a rule has no tabs or newlines' if "$re$r->{error}" =~ /[\t\n]/;
+		print $fh join("\t", $r->{times} // 1, $re, $r->{error}), "\n";
+	}
+	close $fh;
+	rename "$file.tmp", $file or croak "cannot rename $file: $!";
+	return;
+}
+
+sub _raw_reply
+{
+	my ($c) = @_;
+	my $line = _read_line($c);
+	my $t = substr($line, 0, 1);
+	my $out = "$line\r\n";
+	if ($t eq '$' && substr($line, 1) >= 0)
+	{
+		my $len = substr($line, 1);
+		_fill($c) while length($c->{buf}) < $len + 2;
+		$out .= substr($c->{buf}, 0, $len + 2, '');
+	}
+	elsif ($t eq '*' && substr($line, 1) > 0)
+	{
+		$out .= _raw_reply($c) for 1 .. substr($line, 1);
+	}
+	return $out;
+}
+
+sub _proxy_loop
+{
+	my ($listen, $upstream, $rules_file, $log) = @_;
+	my %up;
+	my ($rules_mtime, @rules) = (-1);
+	my $answer = sub {
+		my ($fd, $args, $lfh) = @_;
+		my $mtime = (stat $rules_file)[9] // 0;
+		if ($mtime != $rules_mtime || !@rules)
+		{
+			$rules_mtime = $mtime;
+			open my $rf, '<', $rules_file or die "no $rules_file";
+			@rules = map { chomp; [ split /\t/, $_, 3 ] } <$rf>;
+			close $rf;
+		}
+		my $text = join ' ', @$args;
+		my $name = uc($args->[0] // '?');
+		for my $r (@rules)
+		{
+			next unless $r->[0] != 0 && $text =~ /$r->[1]/;
+			$r->[0]-- if $r->[0] > 0;
+			print $lfh "$name injected\n";
+			return "-$r->[2]\r\n";
+		}
+		_send($up{$fd}, _resp_encode(@$args));
+		my $out = _raw_reply($up{$fd});
+		print $lfh "$name passed\n";
+		return $out;
+	};
+	_serve_loop(
+		$listen, $log, $answer,
+		sub { $up{ $_[0] } = _resp_connect({ port => $upstream->{port} }); },
+		sub { close $up{ $_[0] }{sock}; delete $up{ $_[0] }; });
+	return;
+}
+
+sub start_fault_proxy
+{
+	my ($upstream, @rules) = @_;
+	my $port  = PostgreSQL::Test::Cluster::get_free_port();
+	my $log   = "$PostgreSQL::Test::Utils::tmp_check/fault_proxy_$port.log";
+	my $rules = "$PostgreSQL::Test::Utils::tmp_check/fault_proxy_$port.rules";
+	unlink $log;
+	_rules_write($rules, @rules);
+	my $pid = _serve_in_child($port, sub { _proxy_loop($_[0], $upstream, $rules, $log) });
+	note "fault proxy pid $pid on port $port in front of redis port $upstream->{port}";
+	return {
+		host  => '127.0.0.1',
+		port  => $port,
+		pid   => $pid,
+		log   => $log,
+		rules => $rules,
+		url   => "redis://127.0.0.1:$port/0",
+	};
+}
+
+sub fault_proxy_rules
+{
+	my ($proxy, @rules) = @_;
+	# a new mtime second is not guaranteed: the proxy also rereads when it has no rules
+	_rules_write($proxy->{rules}, @rules);
+	utime(undef, time + 1 + int(rand(1000)), $proxy->{rules});
+	return;
+}
+
+sub fault_proxy_log
+{
+	my ($proxy) = @_;
+	return fake_commands($proxy);
+}
+
+sub start_monitor
+{
+	my ($redis) = @_;
+	my $log = "$PostgreSQL::Test::Utils::tmp_check/monitor_$redis->{port}_" . time . '.log';
+	unlink $log;
+	my $c = _resp_connect($redis);
+	_send($c, _resp_encode('MONITOR'));
+	my $ok = _read_line($c);
+	croak "MONITOR refused: $ok" unless $ok eq '+OK';
+	my $pid = _child(
+		sub {
+			open my $fh, '>>', $log or die "cannot write $log: $!";
+			$fh->autoflush(1);
+			while (1) { print $fh substr(_read_line($c), 1), "\n"; }
+		});
+	close $c->{sock};
+	return { pid => $pid, log => $log };
+}
+
+sub monitor_lines
+{
+	my ($mon) = @_;
+	return fake_commands($mon);
 }
 
 ##########################################################################

@@ -16,8 +16,9 @@ use CachekitTest;
 
 my $redis = start_redis();
 my $node  = new_cachekit_node('tags', $redis,
-	'cachekit.max_attempts'    => '2',
-	'cachekit.retry_max_delay' => '200ms');
+	'cachekit.max_attempts'      => '2',
+	'cachekit.dead_letter_after' => '0',    # the attempts alone (121 tests the time)
+	'cachekit.retry_max_delay'   => '200ms');
 $node->safe_psql('postgres', 'CREATE EXTENSION cachekit');
 ok(wait_for_worker($node, 'postgres', 30), 'worker is running');
 

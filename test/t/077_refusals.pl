@@ -24,8 +24,9 @@ use CachekitFault;
 my $MAX_ATTEMPTS = 3;
 my $redis = start_redis();
 my $node  = new_cachekit_node('refusals', $redis,
-	'cachekit.retry_max_delay' => '100ms',
-	'cachekit.max_attempts'    => $MAX_ATTEMPTS);
+	'cachekit.retry_max_delay'   => '100ms',
+	'cachekit.dead_letter_after' => '0',    # the attempts alone (121 tests the time)
+	'cachekit.max_attempts'      => $MAX_ATTEMPTS);
 $node->safe_psql('postgres', 'CREATE EXTENSION cachekit');
 ok(wait_for_worker($node, 'postgres', 30), 'worker is running');
 
