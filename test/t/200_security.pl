@@ -46,11 +46,15 @@ sub sql
 
 sub as_owner
 {
-	my ($query) = @_;
-	return $node->safe_psql('postgres', $query, extra_params => [ '-U', 'mallory' ]);
+	my ($query, $db) = @_;
+	return $node->safe_psql($db // 'postgres', $query, extra_params => [ '-U', 'mallory' ]);
 }
 
 sql(q{CREATE ROLE mallory LOGIN});
+# the owner's own sessions must outlive the timeouts it sets its database
+sql(q{ALTER ROLE mallory SET statement_timeout = 0});
+sql(q{ALTER ROLE mallory SET lock_timeout = 0});
+sql(q{ALTER ROLE mallory SET idle_in_transaction_session_timeout = 0});
 sql(q{ALTER DATABASE postgres OWNER TO mallory});
 sql(q{CREATE EXTENSION cachekit});
 ok(wait_for_worker($node, 'postgres', 60), 'worker is running');
@@ -64,7 +68,7 @@ as_owner(qq{CREATE SCHEMA "$super"});
 # a planted function records its call and tries to make its owner superuser
 sub plant
 {
-	my ($schema, $name, $args, $returns, $result) = @_;
+	my ($schema, $name, $args, $returns, $result, $db) = @_;
 	as_owner(sprintf(q{
 		CREATE FUNCTION %s.%s(%s) RETURNS %s LANGUAGE plpgsql AS $f$
 		BEGIN
@@ -74,7 +78,7 @@ sub plant
 			EXCEPTION WHEN OTHERS THEN NULL;
 			END;
 			%s;
-		END $f$}, $schema, $name, $args, $returns, $name, $result));
+		END $f$}, $schema, $name, $args, $returns, $name, $result), $db);
 }
 
 for my $schema ('public', qq{"$super"})
@@ -97,7 +101,7 @@ for my $schema ('public', qq{"$super"})
 
 # the planted objects work, so the test would notice if the worker used them
 as_owner(q{SELECT public.quote_ident('x'::name)});
-as_owner(q{ALTER ROLE mallory SET search_path = public});
+as_owner(q{ALTER ROLE mallory IN DATABASE postgres SET search_path = public});
 is(sql(q{SELECT count(*) FROM public.planted_calls}), '1', 'a planted function records its calls');
 sql(q{DELETE FROM public.planted_calls});
 
@@ -160,6 +164,22 @@ check_clean('after a worker restart');
 sql(q{DROP EXTENSION cachekit});
 sql(q{CREATE EXTENSION cachekit});
 check_clean('after DROP and CREATE EXTENSION');
+
+# CREATE EXTENSION in another database of the owner's, one the worker does
+# not serve: the install script's closing check (which warns about that)
+# must not call a look-alike such as format(text, name, text), a closer
+# match for its arguments than pg_catalog's variadic format
+sql(q{CREATE DATABASE mallorys OWNER mallory});
+as_owner(q{CREATE TABLE public.planted_calls (fn text, by_role text, at timestamptz DEFAULT now());
+		   GRANT INSERT ON public.planted_calls TO PUBLIC}, 'mallorys');
+plant('public', 'format', 'text, name, text', 'text', 'RETURN $1', 'mallorys');
+plant('public', 'current_setting', 'name, boolean', 'text', 'RETURN NULL', 'mallorys');
+plant('public', 'current_database', '', 'name', q{RETURN 'x'}, 'mallorys');
+$node->safe_psql('mallorys', 'CREATE EXTENSION cachekit', extra_params => [ '-U', 'tester' ]);
+is(sql(q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}), 'f',
+	'CREATE EXTENSION in the owner\'s other database: the owner is no superuser');
+is($node->safe_psql('mallorys', q{SELECT count(*) FROM public.planted_calls}), '0',
+	'and the install script ran none of its functions');
 
 # the worker's log shows no failed pass: the settings did not reach it
 my $log = slurp_file($node->logfile);
