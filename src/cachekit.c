@@ -34,6 +34,21 @@ int			ck_command_timeout = 5000;
 int			ck_max_attempts = 5;
 int			ck_max_value_bytes = 512 * 1024;
 
+/* TLS and Sentinel (issue 10) */
+char	   *ck_redis_tls_ca_file = NULL;
+char	   *ck_redis_tls_cert_file = NULL;
+char	   *ck_redis_tls_key_file = NULL;
+int			ck_redis_tls_verify = CK_TLS_VERIFY_FULL;
+char	   *ck_redis_tls_server_name = NULL;
+char	   *ck_redis_sentinel_password = NULL;
+
+static const struct config_enum_entry ck_tls_verify_options[] = {
+	{"full", CK_TLS_VERIFY_FULL, false},
+	{"ca", CK_TLS_VERIFY_CA, false},
+	{"none", CK_TLS_VERIFY_NONE, false},
+	{NULL, 0, false}
+};
+
 /*---- shared state ----*/
 
 CachekitShared *ck_shared = NULL;
@@ -48,6 +63,7 @@ static void ck_shmem_startup(void);
 static bool check_redis_url(char **newval, void **extra, GucSource source);
 static bool check_tag_prefix(char **newval, void **extra, GucSource source);
 static void ck_emit_log(ErrorData *edata);
+static void ck_define_connection_settings(void);
 
 PG_FUNCTION_INFO_V1(cachekit_worker_state);
 
@@ -69,7 +85,9 @@ _PG_init(void)
 
 	DefineCustomStringVariable("cachekit.redis_url",
 							   "Redis server the worker delivers to.",
-							   "redis://[[user]:password@]host[:port][/db]. Only superusers can see it, as it may hold a password.",
+							   "redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path[?db=N], "
+							   "redis-sentinel://[[user]:password@]host[:port][,host[:port]...][/db]#master, rediss-sentinel://... "
+							   "Only superusers can see it, as it may hold a password.",
 							   &ck_redis_url,
 							   "redis://127.0.0.1:6379/0",
 							   PGC_SIGHUP,
@@ -148,6 +166,8 @@ _PG_init(void)
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
 
+	ck_define_connection_settings();
+
 	MarkGUCPrefixReserved("cachekit");
 
 	/* PostgreSQL logs changed settings with their values: hide the password */
@@ -161,6 +181,48 @@ _PG_init(void)
 
 	ck_queue_init();
 	ck_register_worker();
+}
+
+/* Define the TLS and Sentinel settings: superuser-only, reloadable. */
+static void
+ck_define_connection_settings(void)
+{
+	static const struct
+	{
+		const char *name;
+		const char *desc;
+		char	  **var;
+	}			files[] = {
+		{"cachekit.redis_tls_ca_file",
+		"Certificates of the authorities that sign Redis's certificate (PEM); empty: the system's.",
+		&ck_redis_tls_ca_file},
+		{"cachekit.redis_tls_cert_file",
+		"Client certificate (PEM) the worker shows Redis over TLS, for mutual TLS.",
+		&ck_redis_tls_cert_file},
+		{"cachekit.redis_tls_key_file",
+		"Private key (PEM) of cachekit.redis_tls_cert_file; must not be readable by others.",
+		&ck_redis_tls_key_file},
+		{"cachekit.redis_tls_server_name",
+		"Name sent as SNI and verified in Redis's certificate, when it differs from the URL's host.",
+		&ck_redis_tls_server_name},
+		{"cachekit.redis_sentinel_password",
+		"Password of the Sentinels, when they need one (the URL's holds the master's).",
+		&ck_redis_sentinel_password},
+	};
+
+	for (int i = 0; i < (int) lengthof(files); i++)
+		DefineCustomStringVariable(files[i].name, files[i].desc, NULL, files[i].var, "",
+								   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("cachekit.redis_tls_verify",
+							 "How Redis's TLS certificate is checked: full (chain and host name), ca (chain only), none.",
+							 NULL,
+							 &ck_redis_tls_verify,
+							 CK_TLS_VERIFY_FULL,
+							 ck_tls_verify_options,
+							 PGC_SIGHUP,
+							 GUC_SUPERUSER_ONLY,
+							 NULL, NULL, NULL);
 }
 
 /* Ask for the shared state. */
@@ -212,7 +274,8 @@ check_redis_url(char **newval, void **extra, GucSource source)
 		return true;
 	GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
 	GUC_check_errmsg("invalid cachekit.redis_url: %s", err);
-	GUC_check_errhint("The form is redis://[[user]:password@]host[:port][/db].");
+	GUC_check_errhint("The forms are redis://[[user]:password@]host[:port][/db], rediss://..., "
+					  "unix:///path[?db=N], and redis-sentinel://[[user]:password@]host[:port][,host[:port]...][/db]#master_name.");
 	return false;
 }
 

@@ -130,10 +130,10 @@ typedef struct CkKeyPlan
 
 /* Load the scripts on a fresh connection (called after each connect). */
 bool
-ck_deliver_prepare(char **errmsg)
+ck_deliver_prepare(CkConn *conn, char **errmsg)
 {
 	for (int i = 0; i < CK_NSCRIPTS; i++)
-		if (!ck_redis_script_load(*scripts[i], script_sha[i], errmsg))
+		if (!ck_redis_script_load(conn, *scripts[i], script_sha[i], errmsg))
 			return false;
 	return true;
 }
@@ -196,7 +196,7 @@ ck_fail_group(CkEntry *entries, CkGroup *g, const CkReply *reply)
 
 /* Queue one step of a tag's flush. */
 static void
-ck_append_flush_step(CkFlush *f)
+ck_append_flush_step(CkConn *conn, CkFlush *f)
 {
 	const char *argv[6];
 	size_t		lens[6];
@@ -210,7 +210,7 @@ ck_append_flush_step(CkFlush *f)
 		argv[4] = f->private_set;
 		for (int i = 0; i < 5; i++)
 			lens[i] = strlen(argv[i]);
-		ck_redis_append(5, argv, lens);
+		ck_redis_append(conn, 5, argv, lens);
 	}
 	else
 	{
@@ -221,7 +221,7 @@ ck_append_flush_step(CkFlush *f)
 		argv[4] = CppAsString2(CK_CHUNK);
 		for (int i = 0; i < 5; i++)
 			lens[i] = strlen(argv[i]);
-		ck_redis_append(5, argv, lens);
+		ck_redis_append(conn, 5, argv, lens);
 	}
 }
 
@@ -313,7 +313,7 @@ ck_plan_key(CkEntry *entries, CkGroup *g, CkKeyPlan *plan)
 
 /* Queue the script that applies a key's final state. */
 static void
-ck_append_apply(CkKeyPlan *plan)
+ck_append_apply(CkConn *conn, CkKeyPlan *plan)
 {
 	CkEntry    *w = plan->final_write;
 	int			njoin = w ? w->ntags : 0;
@@ -337,7 +337,7 @@ ck_append_apply(CkKeyPlan *plan)
 	argv[argc++] = psprintf("%d", njoin);
 	for (int i = 0; i < argc; i++)
 		lens[i] = strlen(argv[i]);
-	ck_redis_append(argc, argv, lens);
+	ck_redis_append(conn, argc, argv, lens);
 }
 
 /*
@@ -345,7 +345,7 @@ ck_append_apply(CkKeyPlan *plan)
  * then tag flushes. The caller makes sure no write follows a flush here.
  */
 static bool
-ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
+ck_deliver_segment(CkConn *conn, CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 {
 	CkItem	   *keyitems;
 	CkItem	   *tagitems;
@@ -413,11 +413,11 @@ ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errms
 			argv[k + 1] = simple[first + k]->group->str;
 			lens[k + 1] = strlen(argv[k + 1]);
 		}
-		ck_redis_append(count + 1, argv, lens);
+		ck_redis_append(conn, count + 1, argv, lens);
 	}
 	for (int k = 0; k < nkeys; k++)
 		if (!plans[k].simple)
-			ck_append_apply(&plans[k]);
+			ck_append_apply(conn, &plans[k]);
 	flushes = palloc0(sizeof(CkFlush) * (ntags + 1));
 	for (int t = 0; t < ntags; t++)
 	{
@@ -425,7 +425,7 @@ ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errms
 		flushes[t].set = psprintf("%s%s", ck_tag_prefix, tags[t].str);
 		flushes[t].private_set = psprintf("cachekit:flushing:%s", flushes[t].set);
 		flushes[t].phase = CK_FLUSH_BEGIN;
-		ck_append_flush_step(&flushes[t]);
+		ck_append_flush_step(conn, &flushes[t]);
 	}
 
 	/* replies, in the same order */
@@ -435,7 +435,7 @@ ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errms
 		int			first = c * CK_CHUNK;
 		int			count = Min(CK_CHUNK, nsimple - first);
 
-		if (!ck_redis_read(&reply, errmsg))
+		if (!ck_redis_read(conn, &reply, errmsg))
 			return false;
 		if (reply.status != CK_REPLY_OK)
 			for (int k = 0; k < count; k++)
@@ -449,7 +449,7 @@ ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errms
 
 		if (plans[k].simple)
 			continue;
-		if (!ck_redis_read(&reply, errmsg))
+		if (!ck_redis_read(conn, &reply, errmsg))
 			return false;
 		if (reply.status != CK_REPLY_OK)
 			ck_fail_group(entries, plans[k].group, &reply);
@@ -475,7 +475,7 @@ ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errms
 
 			if (f->phase == CK_FLUSH_DONE || f->failed)
 				continue;
-			if (!ck_redis_read(&reply, errmsg))
+			if (!ck_redis_read(conn, &reply, errmsg))
 				return false;
 			if (reply.status != CK_REPLY_OK)
 			{
@@ -492,7 +492,7 @@ ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errms
 
 			if (f->phase == CK_FLUSH_DONE || f->failed)
 				continue;
-			ck_append_flush_step(f);
+			ck_append_flush_step(conn, f);
 			active++;
 		}
 		CHECK_FOR_INTERRUPTS();
@@ -510,7 +510,7 @@ ck_deliver_segment(CkEntry *entries, int n, CkDeliveryStats *stats, char **errms
  * value just written. Deletes may move across flushes freely.
  */
 bool
-ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
+ck_deliver(CkConn *conn, CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 {
 	int			start = 0;
 
@@ -528,7 +528,7 @@ ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 				flushed = true;
 			end++;
 		}
-		if (!ck_deliver_segment(entries + start, end - start, stats, errmsg))
+		if (!ck_deliver_segment(conn, entries + start, end - start, stats, errmsg))
 			return false;
 		start = end;
 	}

@@ -88,6 +88,20 @@ static TimestampTz last_vacuum = 0;
 
 static char *current_host = NULL;	/* for messages, without the password */
 
+/*
+ * Where Redis is (made from cachekit.redis_url, remade after a reload) and
+ * the connection to it, NULL when there is none.
+ */
+static CkTopology *topology = NULL;
+static CkConn *redis = NULL;
+
+/*
+ * The longest wait between reconnection attempts through Sentinel (when
+ * cachekit.retry_max_delay is longer): after a failover, delivery resumes
+ * soon after the Sentinels name the new master.
+ */
+#define CK_SENTINEL_RETRY_MS 400
+
 /* Register the worker with the postmaster (from _PG_init). */
 void
 ck_register_worker(void)
@@ -106,6 +120,14 @@ ck_register_worker(void)
 	RegisterBackgroundWorker(&worker);
 }
 
+/* Close the Redis connection, if any. */
+static void
+ck_drop_connection(void)
+{
+	ck_conn_free(redis);
+	redis = NULL;
+}
+
 /* Exit callback: stop advertising our latch. */
 static void
 ck_worker_exit(int code, Datum arg)
@@ -115,7 +137,7 @@ ck_worker_exit(int code, Datum arg)
 	ck_shared->worker_pid = 0;
 	ck_shared->connected = false;
 	SpinLockRelease(&ck_shared->mutex);
-	ck_redis_disconnect();
+	ck_drop_connection();
 }
 
 /* Publish whether we hold a Redis connection. */
@@ -143,29 +165,37 @@ ck_report_failure(const char *msg, bool connection)
 	}
 }
 
-/* Make sure there is a Redis connection; false (reported) when there is none. */
+/*
+ * Make sure there is a Redis connection; false (reported) when there is
+ * none. Every new connection resolves the topology afresh (through the
+ * Sentinels, when there are), so a failover is followed.
+ */
 static bool
 ck_ensure_connection(void)
 {
-	CkRedisUrl	url;
 	char	   *err = NULL;
+	char	   *where = NULL;
 
-	if (ck_redis_connected())
+	if (ck_conn_usable(redis))
 		return true;
-	if (!ck_parse_redis_url(ck_redis_url, &url, &err))
+	ck_drop_connection();
+	if (topology == NULL)
+		topology = ck_topology_create(ck_redis_url, &err);
+	if (topology == NULL)
 	{
 		ck_report_failure(psprintf("invalid cachekit.redis_url: %s", err), true);
 		return false;
 	}
-	if (!ck_redis_connect(&url, &err) || !ck_deliver_prepare(&err))
+	redis = ck_topology_connect(topology, &where, &err);
+	if (redis == NULL || !ck_deliver_prepare(redis, &err))
 	{
+		ck_drop_connection();
 		ck_report_failure(err, true);
 		return false;
 	}
 	if (current_host)
 		pfree(current_host);
-	current_host = MemoryContextStrdup(TopMemoryContext,
-									   psprintf("%s:%d/%d", url.host, url.port, url.db));
+	current_host = MemoryContextStrdup(TopMemoryContext, where);
 	ereport(LOG,
 			(errmsg(redis_down ? "cachekit worker reconnected to Redis at %s" :
 					"cachekit worker connected to Redis at %s", current_host)));
@@ -660,7 +690,7 @@ ck_pass(MemoryContext batch_cxt)
 	if (n == 0)
 	{
 		/* connect while idle too, so cachekit_stats tells whether Redis is up */
-		if (OidIsValid(batch_ext) && !ck_redis_connected())
+		if (OidIsValid(batch_ext) && !ck_conn_usable(redis))
 			(void) ck_ensure_connection();
 		return CK_PASS_IDLE;
 	}
@@ -673,10 +703,11 @@ ck_pass(MemoryContext batch_cxt)
 		return CK_PASS_FAILED;
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
-	ok = ck_deliver(entries, n, &stats, &err);
+	ok = ck_deliver(redis, entries, n, &stats, &err);
 	if (!ok)
 	{
 		MemoryContextSwitchTo(old);
+		ck_drop_connection();
 		ck_report_failure(err, true);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		return CK_PASS_FAILED;
@@ -718,8 +749,11 @@ ck_pass(MemoryContext batch_cxt)
 
 	if (transient)
 	{
-		/* e.g. NOSCRIPT or LOADING: start afresh on a new connection */
-		ck_redis_disconnect();
+		/*
+		 * e.g. NOSCRIPT, LOADING, or READONLY from a master demoted by a
+		 * failover: start afresh on a new connection, resolved anew
+		 */
+		ck_drop_connection();
 		ck_set_connected(false);
 	}
 	if (refused || transient)
@@ -842,7 +876,7 @@ ck_pass_guarded(MemoryContext batch_cxt)
 		AbortCurrentTransaction();
 		ck_free_plans();
 		/* the pipeline may be half read: start on a fresh connection */
-		ck_redis_disconnect();
+		ck_drop_connection();
 		ck_set_connected(false);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		result = CK_PASS_FAILED;
@@ -908,8 +942,13 @@ cachekit_worker_main(Datum arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			/* settings may have changed the URL or timeouts: reconnect now */
-			ck_redis_disconnect();
+			/*
+			 * settings may have changed the URL, the TLS files or the
+			 * timeouts: reconnect now, to the URL as it is now
+			 */
+			ck_drop_connection();
+			ck_topology_free(topology);
+			topology = NULL;
 			/* and the batch size, which the read statement holds */
 			ck_free_plans();
 			ck_set_connected(false);
@@ -927,6 +966,9 @@ cachekit_worker_main(Datum arg)
 				backoff_ms = backoff_ms == 0 ? CK_FIRST_RETRY_MS :
 					Min(backoff_ms * 2, ck_retry_max_delay);
 				backoff_ms = Min(backoff_ms, ck_retry_max_delay);
+				if (redis == NULL && topology != NULL &&
+					topology->url.kind == CK_REDIS_SENTINEL)
+					backoff_ms = Min(backoff_ms, CK_SENTINEL_RETRY_MS);
 				retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
 			}
 			else

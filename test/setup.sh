@@ -29,7 +29,8 @@ MAKE_FLAGS=(with_llvm=no "PG_CONFIG=$PG_CONFIG")
 MARKER=.cachekit-build-dir
 
 PACKAGES=(postgresql-15 postgresql-server-dev-15 libhiredis-dev redis-server
-          redis-tools libipc-run-perl make gcc)
+          redis-tools libipc-run-perl make gcc
+          libssl-dev openssl)
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'setup.sh: %s\n' "$*" >&2; exit 1; }

@@ -1,0 +1,271 @@
+/*-------------------------------------------------------------------------
+ *
+ * topology.c
+ *	  Which Redis node to talk to, and getting a ready connection to it:
+ *	  a single node (TCP, TLS or a unix socket), or the master a group of
+ *	  Sentinels names.
+ *
+ * A topology is made from cachekit.redis_url and kept until the URL
+ * changes; it remembers what it learnt (which Sentinel answered last).
+ * Every connect resolves afresh: after a failover the Sentinels name the
+ * new master, and a node that answers ROLE with anything but "master" is
+ * not written to. The connection comes back logged in (AUTH), on its
+ * database (SELECT) and checked (PING or ROLE), all within
+ * cachekit.connect_timeout per step.
+ *
+ * Redis Cluster will keep several connections here, one per node, each a
+ * CkConn of its own.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cachekit.h"
+
+#include "miscadmin.h"
+#include "postmaster/interrupt.h"
+#include "utils/memutils.h"
+
+/* Parse the URL into a new topology; NULL with *errmsg when it is invalid. */
+CkTopology *
+ck_topology_create(const char *url_text, char **errmsg)
+{
+	MemoryContext cxt = AllocSetContextCreate(TopMemoryContext, "cachekit topology",
+											  ALLOCSET_SMALL_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	CkTopology *topo = palloc0(sizeof(CkTopology));
+
+	topo->cxt = cxt;
+	if (url_text == NULL || !ck_parse_redis_url(url_text, &topo->url, errmsg))
+	{
+		MemoryContextSwitchTo(old);
+		*errmsg = pstrdup(url_text == NULL ? "it is not set" : *errmsg);
+		MemoryContextDelete(cxt);
+		return NULL;
+	}
+	topo->sentinel_order = palloc(sizeof(int) * Max(topo->url.nsentinels, 1));
+	for (int i = 0; i < topo->url.nsentinels; i++)
+		topo->sentinel_order[i] = i;
+	MemoryContextSwitchTo(old);
+	return topo;
+}
+
+/* Free a topology (its connections belong to their holders). */
+void
+ck_topology_free(CkTopology *topo)
+{
+	if (topo)
+		MemoryContextDelete(topo->cxt);
+}
+
+/* A deadline cachekit.connect_timeout from now. */
+static TimestampTz
+ck_connect_deadline(void)
+{
+	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_connect_timeout);
+}
+
+/* Run a set-up command; an error reply fails it as "<what> failed: <error>". */
+static bool
+ck_setup_command(CkConn *conn, int argc, const char **argv, const char *what,
+				 TimestampTz deadline, CkCallResult *res, char **errmsg)
+{
+	if (!ck_redis_call(conn, argc, argv, deadline, res, errmsg))
+		return false;
+	if (res->error)
+	{
+		*errmsg = psprintf("%s failed: %s", what, res->error);
+		return false;
+	}
+	return true;
+}
+
+/* AUTH (when there is a password), then SELECT the database or PING. */
+static bool
+ck_login(CkConn *conn, const char *user, const char *password, int db,
+		 TimestampTz deadline, char **errmsg)
+{
+	CkCallResult res;
+
+	if (password)
+	{
+		const char *argv[3];
+		int			argc = 0;
+
+		argv[argc++] = "AUTH";
+		if (user)
+			argv[argc++] = user;
+		argv[argc++] = password;
+		if (!ck_setup_command(conn, argc, argv, "AUTH", deadline, &res, errmsg))
+			return false;
+	}
+	if (db != 0)
+	{
+		const char *argv[2] = {"SELECT", psprintf("%d", db)};
+
+		return ck_setup_command(conn, 2, argv, "SELECT", deadline, &res, errmsg);
+	}
+	else
+	{
+		const char *argv[1] = {"PING"};
+
+		/* catches NOAUTH now rather than at the first batch */
+		return ck_setup_command(conn, 1, argv, "PING", deadline, &res, errmsg);
+	}
+}
+
+/* The password the Sentinels want: the URL's, else the setting's, else none. */
+static const char *
+ck_sentinel_password(const CkRedisUrl *url)
+{
+	if (url->sentinel_password)
+		return url->sentinel_password;
+	if (ck_redis_sentinel_password && ck_redis_sentinel_password[0] != '\0')
+		return ck_redis_sentinel_password;
+	return NULL;
+}
+
+/* Ask one Sentinel where the master is: 1 found, 0 unknown name, -1 failed. */
+static int
+ck_sentinel_ask(CkTopology *topo, const CkHostPort *s, char **host, int *port,
+				char **errmsg)
+{
+	CkRedisUrl *url = &topo->url;
+	TimestampTz deadline = ck_connect_deadline();
+	const char *argv[3] = {"SENTINEL", "get-master-addr-by-name", url->master_name};
+	const char *password = ck_sentinel_password(url);
+	CkConn	   *conn;
+	CkCallResult res;
+	int			found = -1;
+
+	conn = ck_conn_open(s->host, s->port, NULL, url->tls, deadline, errmsg);
+	if (conn == NULL)
+		return -1;
+	if (password)
+	{
+		const char *auth[2] = {"AUTH", password};
+
+		if (!ck_setup_command(conn, 2, auth, "Sentinel AUTH", deadline, &res, errmsg))
+			goto done;
+	}
+	if (!ck_setup_command(conn, 3, argv, "SENTINEL get-master-addr-by-name", deadline,
+						  &res, errmsg))
+		goto done;
+	if (res.nil)
+		found = 0;
+	else if (res.nstrings == 2 && res.strings[0] && res.strings[1] &&
+			 atoi(res.strings[1]) > 0 && atoi(res.strings[1]) <= 65535)
+	{
+		*host = res.strings[0];
+		*port = atoi(res.strings[1]);
+		found = 1;
+	}
+	else
+		*errmsg = pstrdup("SENTINEL get-master-addr-by-name: unexpected reply");
+done:
+	if (found < 0)
+		*errmsg = psprintf("Sentinel at %s: %s", conn->where, *errmsg);
+	ck_conn_free(conn);
+	return found;
+}
+
+/*
+ * Ask the Sentinels, in order, where the master is; the first that knows
+ * moves to the front for next time. "No Sentinel reachable" and "no
+ * Sentinel knows the name" are told apart.
+ */
+static bool
+ck_sentinel_resolve(CkTopology *topo, char **host, int *port, char **errmsg)
+{
+	CkRedisUrl *url = &topo->url;
+	int			unknown = 0;
+	char	   *last_error = NULL;
+
+	for (int k = 0; k < url->nsentinels; k++)
+	{
+		int			idx = topo->sentinel_order[k];
+		char	   *err = NULL;
+		int			found = ck_sentinel_ask(topo, &url->sentinels[idx], host, port, &err);
+
+		if (found > 0)
+		{
+			memmove(&topo->sentinel_order[1], &topo->sentinel_order[0], sizeof(int) * k);
+			topo->sentinel_order[0] = idx;
+			return true;
+		}
+		if (found == 0)
+			unknown++;
+		else
+			last_error = err;
+		if (ConfigReloadPending)
+			break;
+	}
+	if (unknown > 0)
+		*errmsg = psprintf("unknown master name \"%s\": %d of %d Sentinels answered and none knows it",
+						   url->master_name, unknown, url->nsentinels);
+	else
+		*errmsg = psprintf("no Sentinel reachable (%d tried), last error: %s",
+						   url->nsentinels, last_error ? last_error : "none");
+	return false;
+}
+
+/* Is the node we reached really the master? (It may have been demoted.) */
+static bool
+ck_check_master(CkConn *conn, const char *name, TimestampTz deadline, char **errmsg)
+{
+	const char *argv[1] = {"ROLE"};
+	CkCallResult res;
+
+	if (!ck_setup_command(conn, 1, argv, "ROLE", deadline, &res, errmsg))
+		return false;
+	if (res.nstrings < 1 || res.strings[0] == NULL || strcmp(res.strings[0], "master") != 0)
+	{
+		*errmsg = psprintf("Redis at %s, named master \"%s\" by the Sentinels, is a %s "
+						   "(a failover is under way?)", conn->where, name,
+						   res.nstrings >= 1 && res.strings[0] ? res.strings[0] : "non-master");
+		return false;
+	}
+	return true;
+}
+
+/* Describe where the connection goes, for the worker's log (no password). */
+static char *
+ck_describe(const CkRedisUrl *url, const char *host, int port)
+{
+	const char *tls = url->tls ? " over TLS" : "";
+
+	if (url->kind == CK_REDIS_UNIX)
+		return psprintf("unix socket %s db %d", url->path, url->db);
+	if (url->kind == CK_REDIS_SENTINEL)
+		return psprintf("%s:%d/%d%s (master \"%s\" named by Sentinel)", host, port, url->db,
+						tls, url->master_name);
+	return psprintf("%s:%d/%d%s", host, port, url->db, tls);
+}
+
+/*
+ * Connect to the node the topology names, logged in and on its database.
+ * Returns the connection, or NULL with *errmsg set. *where describes it.
+ */
+CkConn *
+ck_topology_connect(CkTopology *topo, char **where, char **errmsg)
+{
+	CkRedisUrl *url = &topo->url;
+	char	   *host = url->host;
+	int			port = url->port;
+	TimestampTz deadline;
+	CkConn	   *conn;
+
+	if (url->kind == CK_REDIS_SENTINEL && !ck_sentinel_resolve(topo, &host, &port, errmsg))
+		return NULL;
+	deadline = ck_connect_deadline();
+	conn = ck_conn_open(host, port, url->path, url->tls, deadline, errmsg);
+	if (conn == NULL)
+		return NULL;
+	if (!ck_login(conn, url->user, url->password, url->db, deadline, errmsg) ||
+		(url->kind == CK_REDIS_SENTINEL &&
+		 !ck_check_master(conn, url->master_name, deadline, errmsg)))
+	{
+		ck_conn_free(conn);
+		return NULL;
+	}
+	*where = ck_describe(url, host, port);
+	return conn;
+}
