@@ -14,7 +14,8 @@ ALTER SYSTEM SET cachekit.redis_url = 'redis://:s3cret@127.0.0.1:6379/db';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://s3cret@127.0.0.1:6379/0';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://:s3cret%zz@127.0.0.1/0';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://';
-ALTER SYSTEM SET cachekit.redis_url = 'rediss://127.0.0.1';
+ALTER SYSTEM SET cachekit.redis_url = 'redis-sentinel://127.0.0.1';
+ALTER SYSTEM SET cachekit.redis_url = 'unix://:s3cret@relative.sock';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:6379/0 extra';
 -- not settable per session
 SET cachekit.redis_url = 'redis://127.0.0.1';

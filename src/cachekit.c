@@ -274,8 +274,7 @@ check_redis_url(char **newval, void **extra, GucSource source)
 		return true;
 	GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
 	GUC_check_errmsg("invalid cachekit.redis_url: %s", err);
-	GUC_check_errhint("The forms are redis://[[user]:password@]host[:port][/db], rediss://..., "
-					  "unix:///path[?db=N], and redis-sentinel://[[user]:password@]host[:port][,host[:port]...][/db]#master_name.");
+	GUC_check_errhint("The forms are described under \"Connecting to Redis\" in cachekit's README.");
 	return false;
 }
 
@@ -284,6 +283,66 @@ static bool
 check_tag_prefix(char **newval, void **extra, GucSource source)
 {
 	return *newval != NULL;
+}
+
+/*
+ * Replace, in place, the value of every "password=" URL parameter (as in
+ * ?sentinel_password=...) by "***"; true if there was one.
+ */
+static bool
+ck_mask_query_passwords(StringInfo buf)
+{
+	bool		masked = false;
+	char	   *p = buf->data;
+
+	while ((p = strstr(p, "password=")) != NULL)
+	{
+		char	   *value = p + 9;
+		char	   *end = value;
+		StringInfoData rest;
+
+		while (*end && *end != '&' && *end != '#' && *end != '"' && *end != '\'' && *end != ' ')
+			end++;
+		if (end == value || (end - value == 3 && strncmp(value, "***", 3) == 0))
+		{
+			p = end;
+			continue;
+		}
+		initStringInfo(&rest);
+		appendStringInfo(&rest, "***%s", end);
+		buf->len = value - buf->data;
+		buf->data[buf->len] = '\0';
+		appendStringInfoString(buf, rest.data);
+		pfree(rest.data);
+		p = buf->data + (value - buf->data) + 3;
+		masked = true;
+	}
+	return masked;
+}
+
+/*
+ * The message with the value that follows the setting's name (the next
+ * quoted text) replaced by "***", or NULL when there is no such value.
+ */
+static char *
+ck_mask_setting_value(const char *msg, const char *name)
+{
+	const char *at = strstr(msg, name);
+	const char *open;
+	const char *close;
+
+	if (at == NULL)
+		return NULL;
+	at += strlen(name);
+	if (*at == '"')
+		at++;					/* the quote around the name itself */
+	open = strpbrk(at, "\"'");
+	if (open == NULL)
+		return NULL;
+	close = strchr(open + 1, *open);
+	if (close == NULL)
+		close = open + strlen(open);
+	return psprintf("%.*s***%s", (int) (open + 1 - msg), msg, close);
 }
 
 /*
@@ -322,6 +381,7 @@ ck_mask_credentials(const char *msg)
 			p = scheme;
 	}
 	appendStringInfoString(&out, p);
+	masked |= ck_mask_query_passwords(&out);
 	if (!masked)
 	{
 		pfree(out.data);
@@ -340,6 +400,17 @@ ck_emit_log(ErrorData *edata)
 	if (edata->message && strstr(edata->message, "cachekit.redis_url"))
 	{
 		char	   *masked = ck_mask_credentials(edata->message);
+
+		if (masked)
+		{
+			edata->message = masked;
+			edata->hide_stmt = true;
+		}
+	}
+	if (edata->message && strstr(edata->message, "cachekit.redis_sentinel_password"))
+	{
+		char	   *masked = ck_mask_setting_value(edata->message,
+												   "cachekit.redis_sentinel_password");
 
 		if (masked)
 		{
