@@ -349,7 +349,7 @@ ck_tls_handshake(CkTransport *t, TimestampTz deadline, char **errmsg)
 		if (!ck_transport_wait(t, err == SSL_ERROR_WANT_READ ?
 							   WL_SOCKET_READABLE : WL_SOCKET_WRITEABLE, deadline))
 		{
-			*errmsg = ck_wait_failed(t, "TLS handshake");
+			*errmsg = ck_wait_failed(t, "TLS handshake (is this a TLS port?)");
 			return false;
 		}
 	}
