@@ -143,7 +143,7 @@ recovers('verify=full with the right CA', $redis,
 
 fails_with('no CA file: the system trust store does not know the test CA',
 	qr/certificate was refused: (unable to get local issuer certificate|self-signed certificate)/,
-	'cachekit.redis_tls_ca_file' => undef);
+	'cachekit.redis_tls_ca_file' => '');
 recovers('CA file back', $redis, 'cachekit.redis_tls_ca_file' => $pki->{ca}{crt});
 
 fails_with('unreadable CA file', qr/could not read cachekit\.redis_tls_ca_file ".*nonexistent\.crt": No such file/,
