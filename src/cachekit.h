@@ -259,6 +259,7 @@ struct CkConn
 	StringInfoData out;			/* commands not sent yet */
 	char	   *where;			/* host:port/db or the socket, for messages */
 	bool		broken;
+	int			replicas;		/* replicas that must have each batch, or 0 */
 };
 
 /* the outcome of one command in a pipeline */
@@ -281,8 +282,8 @@ typedef struct CkCallResult
 {
 	char	   *error;			/* an error reply, or NULL */
 	bool		nil;			/* a nil reply */
-	int			nstrings;		/* a string, or an array's string elements */
-	char	  **strings;		/* (an array's other elements are NULL) */
+	int			nstrings;		/* a string, or an array's elements: */
+	char	  **strings;		/* strings; a nested array's length; NULL */
 } CkCallResult;
 
 extern CkConn *ck_conn_open(const char *host, int port, const char *path,
@@ -311,5 +312,6 @@ typedef struct CkTopology
 extern CkTopology *ck_topology_create(const char *url_text, char **errmsg);
 extern void ck_topology_free(CkTopology *topo);
 extern CkConn *ck_topology_connect(CkTopology *topo, char **where, char **errmsg);
+extern bool ck_topology_sync(CkConn *conn, char **errmsg);
 
 #endif							/* CACHEKIT_H */

@@ -223,7 +223,7 @@ ck_redis_read(CkConn *conn, CkReply *reply, char **errmsg)
 	return true;
 }
 
-/* A string of a reply, or NULL when it holds none. */
+/* A reply as a string (an array as its length), or NULL for a nil. */
 static char *
 ck_reply_string(const redisReply *r)
 {
@@ -231,6 +231,8 @@ ck_reply_string(const redisReply *r)
 		return pnstrdup(r->str, r->len);
 	if (r->type == REDIS_REPLY_INTEGER)
 		return psprintf("%lld", r->integer);
+	if (r->type == REDIS_REPLY_ARRAY)
+		return psprintf("%zu", r->elements);
 	return NULL;
 }
 

@@ -167,46 +167,6 @@ done:
 	return found;
 }
 
-/*
- * Ask the Sentinels, in order, where the master is; the first that knows
- * moves to the front for next time. "No Sentinel reachable" and "no
- * Sentinel knows the name" are told apart.
- */
-static bool
-ck_sentinel_resolve(CkTopology *topo, char **host, int *port, char **errmsg)
-{
-	CkRedisUrl *url = &topo->url;
-	int			unknown = 0;
-	char	   *last_error = NULL;
-
-	for (int k = 0; k < url->nsentinels; k++)
-	{
-		int			idx = topo->sentinel_order[k];
-		char	   *err = NULL;
-		int			found = ck_sentinel_ask(topo, &url->sentinels[idx], host, port, &err);
-
-		if (found > 0)
-		{
-			memmove(&topo->sentinel_order[1], &topo->sentinel_order[0], sizeof(int) * k);
-			topo->sentinel_order[0] = idx;
-			return true;
-		}
-		if (found == 0)
-			unknown++;
-		else
-			last_error = err;
-		if (ConfigReloadPending)
-			break;
-	}
-	if (unknown > 0)
-		*errmsg = psprintf("unknown master name \"%s\": %d of %d Sentinels answered and none knows it",
-						   url->master_name, unknown, url->nsentinels);
-	else
-		*errmsg = psprintf("no Sentinel reachable (%d tried), last error: %s",
-						   url->nsentinels, last_error ? last_error : "none");
-	return false;
-}
-
 /* Is the node we reached really the master? (It may have been demoted.) */
 static bool
 ck_check_master(CkConn *conn, const char *name, TimestampTz deadline, char **errmsg)
@@ -218,12 +178,82 @@ ck_check_master(CkConn *conn, const char *name, TimestampTz deadline, char **err
 		return false;
 	if (res.nstrings < 1 || res.strings[0] == NULL || strcmp(res.strings[0], "master") != 0)
 	{
-		*errmsg = psprintf("Redis at %s, named master \"%s\" by the Sentinels, is a %s "
+		*errmsg = psprintf("Redis at %s, named master \"%s\" by a Sentinel, is a %s "
 						   "(a failover is under way?)", conn->where, name,
 						   res.nstrings >= 1 && res.strings[0] ? res.strings[0] : "non-master");
 		return false;
 	}
+	/* ROLE lists the connected replicas third: each batch must reach them */
+	conn->replicas = (res.nstrings >= 3 && res.strings[2]) ? atoi(res.strings[2]) : 0;
 	return true;
+}
+
+/* Connect to a node and log in; for a Sentinel's master, check its ROLE. */
+static CkConn *
+ck_connect_node(CkTopology *topo, const char *host, int port, char **errmsg)
+{
+	CkRedisUrl *url = &topo->url;
+	TimestampTz deadline = ck_connect_deadline();
+	CkConn	   *conn = ck_conn_open(host, port, url->path, url->tls, deadline, errmsg);
+
+	if (conn == NULL)
+		return NULL;
+	if (!ck_login(conn, url->user, url->password, url->db, deadline, errmsg) ||
+		(url->kind == CK_REDIS_SENTINEL &&
+		 !ck_check_master(conn, url->master_name, deadline, errmsg)))
+	{
+		ck_conn_free(conn);
+		return NULL;
+	}
+	return conn;
+}
+
+/*
+ * Ask the Sentinels, in order, where the master is, and connect to it. The
+ * first Sentinel whose master answers as one moves to the front for next
+ * time; one that names a stale master (it has not heard of the failover
+ * yet) is passed over. The failures are told apart: no Sentinel reachable,
+ * no Sentinel knows the name, or the named master could not be used.
+ */
+static CkConn *
+ck_sentinel_connect(CkTopology *topo, char **host, int *port, char **errmsg)
+{
+	CkRedisUrl *url = &topo->url;
+	int			unknown = 0;
+	char	   *unreachable = NULL;
+	char	   *master_error = NULL;
+
+	for (int k = 0; k < url->nsentinels; k++)
+	{
+		int			idx = topo->sentinel_order[k];
+		char	   *err = NULL;
+		int			found = ck_sentinel_ask(topo, &url->sentinels[idx], host, port, &err);
+		CkConn	   *conn;
+
+		if (found == 0)
+			unknown++;
+		else if (found < 0)
+			unreachable = err;
+		else if ((conn = ck_connect_node(topo, *host, *port, &err)) != NULL)
+		{
+			memmove(&topo->sentinel_order[1], &topo->sentinel_order[0], sizeof(int) * k);
+			topo->sentinel_order[0] = idx;
+			return conn;
+		}
+		else if (master_error == NULL)
+			master_error = err;
+		if (ConfigReloadPending)
+			break;
+	}
+	if (master_error)
+		*errmsg = master_error;
+	else if (unknown > 0)
+		*errmsg = psprintf("unknown master name \"%s\": %d of %d Sentinels answered and none knows it",
+						   url->master_name, unknown, url->nsentinels);
+	else
+		*errmsg = psprintf("no Sentinel reachable (%d tried), last error: %s",
+						   url->nsentinels, unreachable ? unreachable : "none");
+	return NULL;
 }
 
 /* Describe where the connection goes, for the worker's log (no password). */
@@ -250,22 +280,47 @@ ck_topology_connect(CkTopology *topo, char **where, char **errmsg)
 	CkRedisUrl *url = &topo->url;
 	char	   *host = url->host;
 	int			port = url->port;
-	TimestampTz deadline;
 	CkConn	   *conn;
 
-	if (url->kind == CK_REDIS_SENTINEL && !ck_sentinel_resolve(topo, &host, &port, errmsg))
-		return NULL;
-	deadline = ck_connect_deadline();
-	conn = ck_conn_open(host, port, url->path, url->tls, deadline, errmsg);
-	if (conn == NULL)
-		return NULL;
-	if (!ck_login(conn, url->user, url->password, url->db, deadline, errmsg) ||
-		(url->kind == CK_REDIS_SENTINEL &&
-		 !ck_check_master(conn, url->master_name, deadline, errmsg)))
-	{
-		ck_conn_free(conn);
-		return NULL;
-	}
-	*where = ck_describe(url, host, port);
+	if (url->kind == CK_REDIS_SENTINEL)
+		conn = ck_sentinel_connect(topo, &host, &port, errmsg);
+	else
+		conn = ck_connect_node(topo, host, port, errmsg);
+	if (conn)
+		*where = ck_describe(url, host, port);
 	return conn;
+}
+
+/*
+ * After a batch, through Sentinel: wait until the master's replicas have
+ * it too (WAIT), so that a failover right after cannot lose it; false with
+ * *errmsg when they did not acknowledge it in time (the batch is then sent
+ * again). Half of cachekit.command_timeout is allowed.
+ */
+bool
+ck_topology_sync(CkConn *conn, char **errmsg)
+{
+	const char *argv[3];
+	CkCallResult res;
+	int			acked;
+
+	if (conn->replicas <= 0)
+		return true;
+	argv[0] = "WAIT";
+	argv[1] = psprintf("%d", conn->replicas);
+	argv[2] = psprintf("%d", Max(ck_command_timeout / 2, 1));
+	if (!ck_redis_call(conn, 3, argv,
+					   TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_command_timeout),
+					   &res, errmsg))
+		return false;
+	acked = (res.nstrings == 1 && res.strings[0]) ? atoi(res.strings[0]) : -1;
+	if (res.error || acked < conn->replicas)
+	{
+		*errmsg = res.error ? psprintf("WAIT failed: %s", res.error) :
+			psprintf("Redis at %s: %d of %d replicas acknowledged the batch in time",
+					 conn->where, Max(acked, 0), conn->replicas);
+		conn->broken = true;
+		return false;
+	}
+	return true;
 }

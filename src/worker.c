@@ -704,6 +704,9 @@ ck_pass(MemoryContext batch_cxt)
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
 	ok = ck_deliver(redis, entries, n, &stats, &err);
+	/* through Sentinel: the replicas have it too, or a failover could lose it */
+	if (ok)
+		ok = ck_topology_sync(redis, &err);
 	if (!ok)
 	{
 		MemoryContextSwitchTo(old);

@@ -212,10 +212,11 @@ sub start_sentinel_group
 		my $conf = "$dir/sentinel.conf";
 		my $text = "sentinel monitor $MASTER_NAME 127.0.0.1 $mport 2\n"
 		  . "sentinel down-after-milliseconds $MASTER_NAME 1000\n"
-		  . "sentinel failover-timeout $MASTER_NAME 10000\n"
+		  . "sentinel failover-timeout $MASTER_NAME 3000\n"
 		  . "sentinel parallel-syncs $MASTER_NAME 1\n";
 		$text .= "sentinel auth-pass $MASTER_NAME $opts{password}\n" if defined $opts{password};
-		$text .= "requirepass \"$opts{sentinel_password}\"\n" if defined $opts{sentinel_password};
+		$text .= "requirepass \"$opts{sentinel_password}\"\nsentinel sentinel-pass \"$opts{sentinel_password}\"\n"
+		  if defined $opts{sentinel_password};
 		if ($pki)
 		{
 			my $tport = PostgreSQL::Test::Cluster::get_free_port();

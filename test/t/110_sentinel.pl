@@ -1,0 +1,128 @@
+# test/t/110_sentinel.pl -- delivery through Sentinel
+# (redis-sentinel://host:port,host:port,host:port/db#master_name): a master,
+# its replica and three Sentinels, all with passwords. The worker asks the
+# Sentinels in order, skips one that is down, connects to the master they
+# name, and checks it is one; the Sentinels' own password comes from
+# cachekit.redis_sentinel_password or the URL. "No Sentinel reachable" and
+# "unknown master name" are told apart in last_error, and no password is
+# ever logged.
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use CachekitTest;
+use CachekitNet;
+use CachekitFault;
+
+my $MASTER_PW   = 'Master-pw-9f2';
+my $SENTINEL_PW = 'Sentinel-pw-4c7';
+my $group = start_sentinel_group(password => $MASTER_PW, sentinel_password => $SENTINEL_PW);
+my $master = $group->{master};
+
+my $url = sentinel_url($group, password => $MASTER_PW, db => 2);
+my $node = new_cachekit_node('sentinel', $url,
+	'cachekit.redis_sentinel_password' => $SENTINEL_PW,
+	'cachekit.retry_max_delay'         => '200ms');
+$node->safe_psql('postgres', 'CREATE EXTENSION cachekit');
+ok(wait_for_redis_connected($node, 'postgres', 60), 'connected through Sentinel');
+like(slurp_file($node->logfile),
+	qr/connected to Redis at 127\.0\.0\.1:${\ $master->port}\/2 \(master "mymaster" named by Sentinel\)/,
+	'the log names the master the Sentinels gave');
+
+my $probe = 0;
+sub delivers
+{
+	my ($label) = @_;
+	$probe++;
+	redis_cmd($master, '-n', '2', 'SET', "s:$probe", 'x');
+	$node->safe_psql('postgres', "SELECT cachekit_delete('s:$probe')");
+	ok(wait_for(sub { redis_cmd($master, '-n', '2', 'EXISTS', "s:$probe") eq '0' }, 60),
+		"$label: delivered to the master");
+}
+
+delivers('through Sentinel');
+
+# Set the URL (and settings), reload; wait for last_error to match.
+sub fails_with
+{
+	my ($label, $re, %set) = @_;
+	my $offset = log_offset($node);
+	conf_set_and_reload($node, $_, $set{$_}) for sort keys %set;
+	my $st;
+	ok( wait_for(
+			sub {
+				$st = cachekit_stats($node);
+				($st->{last_error} // '') =~ $re && $st->{redis_connected} eq 'false';
+			},
+			60),
+		"$label: last_error says so")
+	  or diag 'last_error: ' . ($st->{last_error} // '(none)');
+	my $failed = $st->{failed_attempts};
+	ok(wait_for(sub { cachekit_stats($node)->{failed_attempts} >= $failed + 3 }, 60),
+		"$label: the worker keeps retrying");
+	is(count_matches(log_since($node, $offset), qr/cachekit worker cannot reach Redis/), 1,
+		"$label: one log line");
+}
+
+sub recovers
+{
+	my ($label, %set) = @_;
+	conf_set_and_reload($node, $_, $set{$_}) for sort keys %set;
+	ok(wait_for_redis_connected($node, 'postgres', 60), "$label: connected");
+	delivers($label);
+}
+
+# ---- the two failures told apart ------------------------------------------------
+
+fails_with('unknown master name', qr/unknown master name "nosuchmaster": 3 of 3 Sentinels answered/,
+	'cachekit.redis_url' => sentinel_url($group, password => $MASTER_PW, db => 2, name => 'nosuchmaster'));
+recovers('right name', 'cachekit.redis_url' => $url);
+
+my @dead = map { PostgreSQL::Test::Cluster::get_free_port() } 1 .. 2;
+fails_with('no Sentinel reachable', qr/no Sentinel reachable \(2 tried\), last error: could not connect to 127\.0\.0\.1:\d+: Connection refused/,
+	'cachekit.redis_url' => sentinel_url($group, password => $MASTER_PW, db => 2, sentinels => \@dead));
+
+# a dead Sentinel first in the list is skipped
+recovers('the first Sentinel is down',
+	'cachekit.redis_url' => sentinel_url($group, password => $MASTER_PW, db => 2,
+		sentinels => [ $dead[0], map { $_->port } @{ $group->{sentinels} } ]));
+
+# ---- the Sentinels' password ---------------------------------------------------------
+
+fails_with('Sentinels without their password', qr/no Sentinel reachable.*NOAUTH|no Sentinel reachable.*AUTH/,
+	'cachekit.redis_sentinel_password' => '');
+recovers('the Sentinel password as a URL parameter',
+	'cachekit.redis_url' => sentinel_url($group, password => $MASTER_PW, db => 2,
+		query => "sentinel_password=$SENTINEL_PW"));
+fails_with('a wrong master password', qr/AUTH failed: (WRONGPASS|ERR invalid password)/,
+	'cachekit.redis_url' => sentinel_url($group, password => 'wrong-Master-pw', db => 2,
+		query => "sentinel_password=$SENTINEL_PW"));
+recovers('all right again', 'cachekit.redis_url' => $url, 'cachekit.redis_sentinel_password' => $SENTINEL_PW);
+
+# the master the Sentinels name must answer ROLE as a master: a Sentinel
+# group whose "master" is in fact a replica is refused
+my $fake = start_redis(password => $MASTER_PW, args => [ '--masterauth' => $MASTER_PW ]);
+redis_cmd($fake, 'REPLICAOF', '127.0.0.1', $master->port);
+my $sconf = "$PostgreSQL::Test::Utils::tmp_check/sentinel_fake.conf";
+append_to_file($sconf, "sentinel monitor other 127.0.0.1 ${\ $fake->port} 1\n"
+	  . "sentinel auth-pass other $MASTER_PW\n");
+my $lone = start_redis(conf => $sconf, sentinel => 1);
+fails_with('a named master that is a replica', qr/named master "other" by a Sentinel, is a slave/,
+	'cachekit.redis_url' => "redis-sentinel://:$MASTER_PW\@127.0.0.1:${\ $lone->port}/2#other",
+	'cachekit.redis_sentinel_password' => '');
+recovers('back to the real group', 'cachekit.redis_url' => $url,
+	'cachekit.redis_sentinel_password' => $SENTINEL_PW);
+
+# ---- no password anywhere in the log ------------------------------------------------
+
+my @leaks = grep { /\Q$MASTER_PW\E|\Q$SENTINEL_PW\E/ } split /\n/, slurp_file($node->logfile);
+is(scalar @leaks, 0, 'neither password appears in the server log') or diag join("\n", @leaks[0 .. 4]);
+my $st = cachekit_stats($node);
+unlike($st->{last_error} // '', qr/\Q$MASTER_PW\E|\Q$SENTINEL_PW\E/, 'nor in last_error');
+
+$node->stop;
+done_testing();
