@@ -307,11 +307,18 @@ typedef struct CkTopology
 	MemoryContext cxt;
 	CkRedisUrl	url;
 	int		   *sentinel_order; /* indexes into url.sentinels, best first */
+	char	   *master;			/* host:port of the last master connected to */
+	bool		master_changed; /* ...which is not the one before: replay */
+	List	   *recent;			/* CkRecent: batches delivered lately */
+	int64		recent_keys;
+	bool		recent_truncated;	/* some were forgotten early */
 } CkTopology;
 
 extern CkTopology *ck_topology_create(const char *url_text, char **errmsg);
 extern void ck_topology_free(CkTopology *topo);
 extern CkConn *ck_topology_connect(CkTopology *topo, char **where, char **errmsg);
 extern bool ck_topology_sync(CkConn *conn, char **errmsg);
+extern void ck_topology_note_delivered(CkTopology *topo, const CkEntry *entries, int n);
+extern bool ck_topology_replay(CkTopology *topo, CkConn *conn, char **errmsg);
 
 #endif							/* CACHEKIT_H */

@@ -24,6 +24,13 @@
 #include "postmaster/interrupt.h"
 #include "utils/memutils.h"
 
+/*
+ * The longest WAIT for the replicas after a batch. It is short: while a
+ * replica is promoted, WAITs on the old master fail, and the worker must
+ * soon ask the Sentinels again.
+ */
+#define CK_WAIT_MAX_MS 500
+
 /* Parse the URL into a new topology; NULL with *errmsg when it is invalid. */
 CkTopology *
 ck_topology_create(const char *url_text, char **errmsg)
@@ -286,8 +293,19 @@ ck_topology_connect(CkTopology *topo, char **where, char **errmsg)
 		conn = ck_sentinel_connect(topo, &host, &port, errmsg);
 	else
 		conn = ck_connect_node(topo, host, port, errmsg);
-	if (conn)
-		*where = ck_describe(url, host, port);
+	if (conn == NULL)
+		return NULL;
+	*where = ck_describe(url, host, port);
+	if (url->kind == CK_REDIS_SENTINEL)
+	{
+		char	   *master = psprintf("%s:%d", host, port);
+
+		/* another master than last time: a failover happened */
+		if (topo->master && strcmp(topo->master, master) != 0)
+			topo->master_changed = true;
+		if (topo->master == NULL || strcmp(topo->master, master) != 0)
+			topo->master = MemoryContextStrdup(topo->cxt, master);
+	}
 	return conn;
 }
 
@@ -295,7 +313,8 @@ ck_topology_connect(CkTopology *topo, char **where, char **errmsg)
  * After a batch, through Sentinel: wait until the master's replicas have
  * it too (WAIT), so that a failover right after cannot lose it; false with
  * *errmsg when they did not acknowledge it in time (the batch is then sent
- * again). Half of cachekit.command_timeout is allowed.
+ * again). Half of cachekit.command_timeout is allowed, at most
+ * CK_WAIT_MAX_MS.
  */
 bool
 ck_topology_sync(CkConn *conn, char **errmsg)
@@ -308,7 +327,7 @@ ck_topology_sync(CkConn *conn, char **errmsg)
 		return true;
 	argv[0] = "WAIT";
 	argv[1] = psprintf("%d", conn->replicas);
-	argv[2] = psprintf("%d", Max(ck_command_timeout / 2, 1));
+	argv[2] = psprintf("%d", Max(Min(ck_command_timeout / 2, CK_WAIT_MAX_MS), 1));
 	if (!ck_redis_call(conn, 3, argv,
 					   TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_command_timeout),
 					   &res, errmsg))
@@ -322,5 +341,150 @@ ck_topology_sync(CkConn *conn, char **errmsg)
 		conn->broken = true;
 		return false;
 	}
+	return true;
+}
+
+/*---- after a failover: deliveries the new master may not have ----*/
+
+/*
+ * What the worker delivered through Sentinel lately, kept for
+ * CK_RECENT_WINDOW_MS (at most CK_RECENT_MAX_KEYS keys). A master that
+ * acknowledged a batch may still lose it in a failover: WAIT covers a
+ * crash, but between a replica's promotion and the Sentinels' switch the
+ * old master can take writes that only replicas about to be reattached
+ * saw. So when a new connection goes to another master than the last one,
+ * those keys are deleted and those tags flushed there before anything else
+ * is sent: every key then ends deleted or equal to its row.
+ */
+#define CK_RECENT_WINDOW_MS (30 * 1000)
+#define CK_RECENT_MAX_KEYS 1000000
+
+typedef struct CkRecent
+{
+	MemoryContext cxt;
+	TimestampTz at;
+	int			nkeys;
+	char	  **keys;
+	int			ntags;			/* flushed tags */
+	char	  **tags;
+} CkRecent;
+
+/* Forget recent batches beyond the window or the size limit. */
+static void
+ck_recent_trim(CkTopology *topo)
+{
+	TimestampTz horizon = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), -CK_RECENT_WINDOW_MS);
+
+	while (topo->recent != NIL)
+	{
+		CkRecent   *r = linitial(topo->recent);
+
+		if (r->at >= horizon && topo->recent_keys <= CK_RECENT_MAX_KEYS)
+			break;
+		if (r->at >= horizon)
+			topo->recent_truncated = true;	/* a failover now could lose it */
+		topo->recent_keys -= r->nkeys;
+		topo->recent = list_delete_first(topo->recent);
+		MemoryContextDelete(r->cxt);
+	}
+	if (topo->recent == NIL)
+		topo->recent_truncated = false;
+}
+
+/* Remember the keys and flushed tags of a batch delivered through Sentinel. */
+void
+ck_topology_note_delivered(CkTopology *topo, const CkEntry *entries, int n)
+{
+	MemoryContext cxt;
+	MemoryContext old;
+	CkRecent   *r;
+	int			nkeys = 0;
+	int			ntags = 0;
+
+	if (topo == NULL || topo->url.kind != CK_REDIS_SENTINEL || n == 0)
+		return;
+	for (int i = 0; i < n; i++)
+	{
+		nkeys += entries[i].nkeys;
+		if (entries[i].kind == CK_KIND_INVALIDATE)
+			ntags += entries[i].ntags;
+	}
+	cxt = AllocSetContextCreate(topo->cxt, "cachekit recent batch", ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(cxt);
+	r = palloc0(sizeof(CkRecent));
+	r->cxt = cxt;
+	r->at = GetCurrentTimestamp();
+	r->keys = palloc(sizeof(char *) * (nkeys + 1));
+	r->tags = palloc(sizeof(char *) * (ntags + 1));
+	for (int i = 0; i < n; i++)
+	{
+		for (int k = 0; k < entries[i].nkeys; k++)
+			r->keys[r->nkeys++] = pstrdup(entries[i].keys[k]);
+		if (entries[i].kind == CK_KIND_INVALIDATE)
+			for (int t = 0; t < entries[i].ntags; t++)
+				r->tags[r->ntags++] = pstrdup(entries[i].tags[t]);
+	}
+	MemoryContextSwitchTo(topo->cxt);
+	topo->recent = lappend(topo->recent, r);
+	MemoryContextSwitchTo(old);
+	topo->recent_keys += r->nkeys;
+	ck_recent_trim(topo);
+}
+
+/*
+ * On a new master (after a failover): delete the recent keys and flush the
+ * recent tags there. False with *error when that failed (the connection
+ * is then not to be used).
+ */
+bool
+ck_topology_replay(CkTopology *topo, CkConn *conn, char **error)
+{
+	CkEntry		e;
+	CkDeliveryStats stats;
+	ListCell   *lc;
+	int			k = 0;
+	int			t = 0;
+
+	if (!topo->master_changed)
+		return true;
+	ck_recent_trim(topo);
+	if (topo->recent_truncated)
+		ereport(WARNING,
+				(errmsg("cachekit cannot repeat every delivery of the last %d s on the new Redis master",
+						CK_RECENT_WINDOW_MS / 1000),
+				 errdetail("More than %d keys were delivered in that time; a failover may have lost some of them.",
+						   CK_RECENT_MAX_KEYS)));
+	memset(&e, 0, sizeof(e));
+	e.kind = CK_KIND_INVALIDATE;
+	foreach(lc, topo->recent)
+		t += ((CkRecent *) lfirst(lc))->ntags;
+	e.keys = palloc(sizeof(char *) * (topo->recent_keys + 1));
+	e.tags = palloc(sizeof(char *) * (t + 1));
+	t = 0;
+	foreach(lc, topo->recent)
+	{
+		CkRecent   *r = lfirst(lc);
+
+		memcpy(e.keys + k, r->keys, sizeof(char *) * r->nkeys);
+		memcpy(e.tags + t, r->tags, sizeof(char *) * r->ntags);
+		k += r->nkeys;
+		t += r->ntags;
+	}
+	e.nkeys = k;
+	e.ntags = t;
+	if (k + t > 0)
+	{
+		if (!ck_deliver(conn, &e, 1, &stats, error))
+			return false;
+		if (e.failed)
+		{
+			*error = psprintf("repeating recent deliveries on the new master failed: %s", e.error);
+			return false;
+		}
+		ereport(LOG,
+				(errmsg("cachekit worker deleted %d keys and flushed %d tags delivered in the last %d s on the new Redis master, as the failover may have lost them",
+						k, t, CK_RECENT_WINDOW_MS / 1000)));
+	}
+	topo->master_changed = false;
 	return true;
 }

@@ -187,7 +187,8 @@ ck_ensure_connection(void)
 		return false;
 	}
 	redis = ck_topology_connect(topology, &where, &err);
-	if (redis == NULL || !ck_deliver_prepare(redis, &err))
+	if (redis == NULL || !ck_deliver_prepare(redis, &err) ||
+		!ck_topology_replay(topology, redis, &err))
 	{
 		ck_drop_connection();
 		ck_report_failure(err, true);
@@ -736,6 +737,8 @@ ck_pass(MemoryContext batch_cxt)
 	if (ck_prepare_plans() && plans_ext == batch_ext)
 	{
 		ck_settle_batch(entries, n, read_filenode);
+		/* through Sentinel, a failover may lose them: remember them a while */
+		ck_topology_note_delivered(topology, entries, n);
 		ck_advance_floor(plans_queue, entries, n, covered);
 	}
 	ck_commit();

@@ -177,11 +177,11 @@ sub start_unix_redis
 
 =item start_sentinel_group(%opts)
 
-A master, a replica of it, and three Sentinels monitoring the master as
+A master, a replica of it (or "replicas" of them), and three Sentinels monitoring the master as
 "mymaster" (quorum 2, down after 1 s). Options: tls => $pki (every server
 also gets a TLS port, and the replica and Sentinels talk TLS to them),
 sentinel_password (the Sentinels require it), password (the master's and
-replica's). Returns { master, replica, sentinels => [...], name }.
+replica's). Returns { master, replica, replicas => [...], sentinels => [...], name }.
 
 =cut
 
@@ -200,9 +200,14 @@ sub start_sentinel_group
 	};
 	my $master = $start->();
 	my $mport = $pki ? $master->{tls_port} : $master->port;
-	my $replica = $start->('--replicaof' => '127.0.0.1', $mport);
-	ok(wait_for(sub { redis_cmd($replica, 'INFO', 'replication') =~ /master_link_status:up/ }, 60),
-		'sentinel group: the replica is in sync');
+	my $nreplicas = $opts{replicas} // 1;
+	my @replicas = map { $start->('--replicaof' => '127.0.0.1', $mport) } 1 .. $nreplicas;
+	ok( wait_for(
+			sub {
+				!grep { redis_cmd($_, 'INFO', 'replication') !~ /master_link_status:up/ } @replicas;
+			},
+			60),
+		'sentinel group: the replicas are in sync');
 
 	my @sentinels;
 	for my $i (1 .. 3)
@@ -234,7 +239,8 @@ sub start_sentinel_group
 		push @sentinels, start_redis(conf => $conf, sentinel => 1, dir => $dir,
 			password => $opts{sentinel_password});
 	}
-	my $group = { master => $master, replica => $replica, sentinels => \@sentinels,
+	my $group = { master => $master, replica => $replicas[0], replicas => \@replicas,
+		sentinels => \@sentinels,
 		name => $MASTER_NAME, tls => $pki };
 	ok(wait_for(
 			sub {
@@ -242,7 +248,7 @@ sub start_sentinel_group
 				{
 					my $info = redis_cmd($s, 'SENTINEL', 'MASTER', $MASTER_NAME);
 					return 0 unless $info =~ /num-other-sentinels\n2\b/
-					  && $info =~ /num-slaves\n1\b/;
+					  && $info =~ /num-slaves\n$nreplicas\b/;
 				}
 				return 1;
 			},
