@@ -117,6 +117,49 @@ fails_with('a named master that is a replica', qr/named master "other" by a Sent
 recovers('back to the real group', 'cachekit.redis_url' => $url,
 	'cachekit.redis_sentinel_password' => $SENTINEL_PW);
 
+# ---- a new master that missed what the old one acknowledged ---------------------------
+# A master without replicas (so no WAIT) takes a write-through value and a
+# tag flush; then its Sentinel names another server, which holds an older
+# value and the unflushed tag. On connecting there, the worker deletes the
+# keys and flushes the tags it delivered lately: nothing stale is left.
+
+my $old_master = start_redis();
+my $new_master = start_redis();
+my $wconf = "$PostgreSQL::Test::Utils::tmp_check/sentinel_switch.conf";
+append_to_file($wconf, "sentinel monitor wt 127.0.0.1 ${\ $old_master->port} 1\n");
+my $switcher = start_redis(conf => $wconf, sentinel => 1);
+conf_set_and_reload($node, 'cachekit.redis_url', "redis-sentinel://127.0.0.1:${\ $switcher->port}/0#wt");
+conf_set_and_reload($node, 'cachekit.redis_sentinel_password', '');
+ok(wait_for(sub { my $s = cachekit_stats($node); $s->{redis_connected} eq 'true' }, 60)
+	  && wait_for(sub { slurp_file($node->logfile) =~ /connected to Redis at 127\.0\.0\.1:${\ $old_master->port}\/0 \(master "wt"/ }, 60),
+	'connected to the first master');
+$node->safe_psql('postgres', q{
+	CREATE TABLE w (id int PRIMARY KEY, v int);
+	CREATE TRIGGER w_wt AFTER INSERT OR UPDATE OR DELETE ON w
+		FOR EACH ROW EXECUTE FUNCTION cachekit_write_through('key=w:{id}');
+	INSERT INTO w VALUES (1, 1);
+});
+ok($node->safe_psql('postgres', "SELECT cachekit_wait('60 s')") eq 't', 'first value delivered');
+# the new master as a lagging replica would have it: the old value, the unflushed tag
+redis_cmd($new_master, 'SET', 'w:1', redis_cmd($old_master, 'GET', 'w:1'));
+redis_cmd($new_master, 'SET', 'page:1', 'stale');
+redis_cmd($new_master, 'SADD', 'tag:grp', 'page:1');
+$node->safe_psql('postgres', q{UPDATE w SET v = 2 WHERE id = 1; SELECT cachekit_flush_tag('grp')});
+ok($node->safe_psql('postgres', "SELECT cachekit_wait('60 s')") eq 't', 'the update and the flush delivered');
+is(redis_cmd($old_master, 'GET', 'w:1'), '{"id":1,"v":2}', 'the old master has the new value');
+
+my $offset2 = log_offset($node);
+redis_cmd($switcher, 'SENTINEL', 'REMOVE', 'wt');
+redis_cmd($switcher, 'SENTINEL', 'MONITOR', 'wt', '127.0.0.1', $new_master->port, '1');
+redis_cmd($old_master, 'CLIENT', 'KILL', 'TYPE', 'normal');
+$node->safe_psql('postgres', q{SELECT cachekit_delete('probe:switch')});
+ok(wait_for(sub { log_since($node, $offset2) =~ /reconnected to Redis at 127\.0\.0\.1:${\ $new_master->port}\/0/ }, 60),
+	'the worker follows the Sentinel to the new master');
+like(log_since($node, $offset2), qr/deleted \d+ keys and flushed 1 tags delivered in the last 30 s on the new Redis master/,
+	'and repeats its recent deliveries there');
+ok(!redis_exists($new_master, 'w:1'), 'the stale value is gone from the new master');
+ok(!redis_exists($new_master, 'page:1'), 'the key of the tag flushed on the old master is gone too');
+
 # ---- no password anywhere in the log ------------------------------------------------
 
 my @leaks = grep { /\Q$MASTER_PW\E|\Q$SENTINEL_PW\E/ } split /\n/, slurp_file($node->logfile);
