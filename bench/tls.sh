@@ -18,7 +18,7 @@
 # and prints the median of the per-round TLS/plain ratios with their
 # min-max. Output also goes to bench/tls-last-run.txt.
 #
-# Environment: TLS_ROUNDS [3], DRAIN_ENTRIES [1000000 / 100000],
+# Environment: TLS_PARTS [drain latency tps], TLS_ROUNDS [3], DRAIN_ENTRIES [1000000 / 100000],
 # LAT_SAMPLES [1000 / 200], TPS_SECONDS [10 / 3], BENCH_ROWS [100000],
 # BENCH_CLIENTS [2], CACHEKIT_PG_BIN, BENCH_SKIP_BUILD=1 (use the installed
 # cachekit), BENCH_BUILD_DIR [/tmp/cachekit-bench-build], BENCH_KEEP=1.
@@ -213,7 +213,7 @@ tps() {    # name url
 for ((r = 1; r <= TLS_ROUNDS; r++)); do
     if ((r % 2)); then order=(plain tls); else order=(tls plain); fi
     say "round $r of $TLS_ROUNDS (${order[*]})"
-    for part in drain latency tps; do
+    for part in ${TLS_PARTS:-drain latency tps}; do
         for t in "${order[@]}"; do
             [[ $t == plain ]] && url=$PLAIN_URL || url=$TLS_URL
             "$part" "$t" "$url"

@@ -145,7 +145,10 @@ ck_sentinel_ask(CkTopology *topo, const CkHostPort *s, char **host, int *port,
 
 	conn = ck_conn_open(s->host, s->port, NULL, url->tls, deadline, errmsg);
 	if (conn == NULL)
+	{
+		*errmsg = psprintf("Sentinel at %s:%d: %s", s->host, s->port, *errmsg);
 		return -1;
+	}
 	if (password)
 	{
 		const char *auth[2] = {"AUTH", password};

@@ -83,7 +83,7 @@ fails_with('unknown master name', qr/unknown master name "nosuchmaster": 3 of 3 
 recovers('right name', 'cachekit.redis_url' => $url);
 
 my @dead = map { PostgreSQL::Test::Cluster::get_free_port() } 1 .. 2;
-fails_with('no Sentinel reachable', qr/no Sentinel reachable \(2 tried\), last error: could not connect to 127\.0\.0\.1:\d+: Connection refused/,
+fails_with('no Sentinel reachable', qr/no Sentinel reachable \(2 tried\), last error: Sentinel at 127\.0\.0\.1:\d+: could not connect to 127\.0\.0\.1:\d+: Connection refused/,
 	'cachekit.redis_url' => sentinel_url($group, password => $MASTER_PW, db => 2, sentinels => \@dead));
 
 # a dead Sentinel first in the list is skipped
@@ -161,6 +161,15 @@ ok(!redis_exists($new_master, 'w:1'), 'the stale value is gone from the new mast
 ok(!redis_exists($new_master, 'page:1'), 'the key of the tag flushed on the old master is gone too');
 
 # ---- no password anywhere in the log ------------------------------------------------
+
+# set through SQL too: the statement log and "parameter changed" lines are masked
+$node->safe_psql('postgres', "ALTER SYSTEM SET cachekit.redis_sentinel_password = '$SENTINEL_PW'");
+$node->safe_psql('postgres', "ALTER SYSTEM SET cachekit.redis_url = '"
+	  . sentinel_url($group, password => $MASTER_PW, db => 2, query => "sentinel_password=$SENTINEL_PW") . "'");
+$node->safe_psql('postgres', 'SELECT pg_reload_conf()');
+ok(wait_for(sub { slurp_file($node->logfile) =~ /parameter "cachekit.redis_sentinel_password" changed to "\*\*\*"/ }, 30),
+	'the Sentinel password setting is logged masked');
+ok(wait_for_redis_connected($node, 'postgres', 60), 'connected with the settings made by SQL');
 
 my @leaks = grep { /\Q$MASTER_PW\E|\Q$SENTINEL_PW\E/ } split /\n/, slurp_file($node->logfile);
 is(scalar @leaks, 0, 'neither password appears in the server log') or diag join("\n", @leaks[0 .. 4]);
