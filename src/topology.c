@@ -13,6 +13,11 @@
  * database (SELECT) and checked (PING or ROLE), all within
  * cachekit.connect_timeout per step.
  *
+ * Through Sentinel a failover must not lose what the old master
+ * acknowledged: after each batch the worker WAITs for the replicas the
+ * master listed (ck_topology_sync), and on a new master it first deletes
+ * the keys and flushes the tags it delivered lately (ck_topology_replay).
+ *
  * Redis Cluster will keep several connections here, one per node, each a
  * CkConn of its own.
  *

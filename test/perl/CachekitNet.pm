@@ -35,7 +35,7 @@ use CachekitTest;
 
 our @EXPORT = qw(
   make_pki make_cert_pair start_tls_redis tls_url start_unix_redis
-  start_sentinel_group sentinel_url sentinel_master_port
+  start_sentinel_group sentinel_url sentinel_master_port expect_outage
 );
 
 my $MASTER_NAME = 'mymaster';
@@ -277,6 +277,42 @@ sub sentinel_url
 	return sprintf('%s://%s%s/%d%s#%s', $tls ? 'rediss-sentinel' : 'redis-sentinel', $auth,
 		join(',', map { "127.0.0.1:$_" } @ports), $opts{db} // 0,
 		defined $opts{query} ? "?$opts{query}" : '', $opts{name} // $MASTER_NAME);
+}
+
+=pod
+
+=item expect_outage($node, $label, $re, $apply)
+
+Runs $apply (which breaks the connection, e.g. by a setting and a reload),
+then checks that last_error matches $re while redis_connected is false,
+that the worker keeps retrying (failed_attempts grows), and that the log
+got exactly one "cannot reach Redis" line, which matches $re too. Returns
+the cachekit_stats row seen.
+
+=cut
+
+sub expect_outage
+{
+	my ($node, $label, $re, $apply) = @_;
+	my $offset = -s $node->logfile;
+	$apply->();
+	my $st;
+	ok( wait_for(
+			sub {
+				$st = cachekit_stats($node);
+				($st->{last_error} // '') =~ $re && $st->{redis_connected} eq 'false';
+			},
+			60),
+		"$label: last_error says why")
+	  or diag 'last_error: ' . ($st->{last_error} // '(none)');
+	my $failed = $st->{failed_attempts};
+	ok(wait_for(sub { cachekit_stats($node)->{failed_attempts} >= $failed + 3 }, 60),
+		"$label: the worker keeps retrying");
+	my @lines = grep { /cachekit worker cannot reach Redis/ } split /\n/,
+	  PostgreSQL::Test::Utils::slurp_file($node->logfile, $offset);
+	is(scalar @lines, 1, "$label: one log line for the outage");
+	like($lines[0] // '', $re, "$label: the log line says why");
+	return $st;
 }
 
 =pod

@@ -63,26 +63,12 @@ sub delivers_to
 sub fails_with
 {
 	my ($label, $re, %set) = @_;
-	my $offset = -s $node->logfile;
-	configure(%set);
-	$probe++;
-	sql("SELECT cachekit_delete('probe:$probe')");
-	my $st;
-	ok( wait_for(
-			sub {
-				$st = cachekit_stats($node);
-				($st->{last_error} // '') =~ $re && $st->{redis_connected} eq 'false';
-			},
-			60),
-		"$label: last_error says why")
-	  or diag 'last_error: ' . ($st->{last_error} // '(none)');
-	my $failed = $st->{failed_attempts};
-	ok(wait_for(sub { cachekit_stats($node)->{failed_attempts} >= $failed + 3 }, 60),
-		"$label: the worker keeps retrying");
-	my $log = substr(slurp_file($node->logfile), $offset);
-	my @lines = grep { /cachekit worker cannot reach Redis/ } split /\n/, $log;
-	is(scalar @lines, 1, "$label: one log line for the outage");
-	like($lines[0] // '', $re, "$label: the log line says why");
+	my $st = expect_outage($node, $label, $re,
+		sub {
+			configure(%set);
+			$probe++;
+			sql("SELECT cachekit_delete('probe:$probe')");
+		});
 	is(sql('SELECT queue_depth FROM cachekit_stats') > 0 ? 1 : 0, 1,
 		"$label: the entry waits in the queue");
 	return $st;

@@ -50,22 +50,8 @@ delivers('through Sentinel');
 sub fails_with
 {
 	my ($label, $re, %set) = @_;
-	my $offset = log_offset($node);
-	conf_set_and_reload($node, $_, $set{$_}) for sort keys %set;
-	my $st;
-	ok( wait_for(
-			sub {
-				$st = cachekit_stats($node);
-				($st->{last_error} // '') =~ $re && $st->{redis_connected} eq 'false';
-			},
-			60),
-		"$label: last_error says so")
-	  or diag 'last_error: ' . ($st->{last_error} // '(none)');
-	my $failed = $st->{failed_attempts};
-	ok(wait_for(sub { cachekit_stats($node)->{failed_attempts} >= $failed + 3 }, 60),
-		"$label: the worker keeps retrying");
-	is(count_matches(log_since($node, $offset), qr/cachekit worker cannot reach Redis/), 1,
-		"$label: one log line");
+	expect_outage($node, $label, $re,
+		sub { conf_set_and_reload($node, $_, $set{$_}) for sort keys %set; });
 }
 
 sub recovers
