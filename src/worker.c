@@ -191,7 +191,9 @@ ck_ensure_connection(void)
 		!ck_topology_replay(topology, redis, &err))
 	{
 		ck_drop_connection();
-		ck_report_failure(err, true);
+		/* an attempt a reload cut short is no failure: it starts over now */
+		if (!ConfigReloadPending)
+			ck_report_failure(err, true);
 		return false;
 	}
 	if (current_host)

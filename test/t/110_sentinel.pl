@@ -50,14 +50,26 @@ delivers('through Sentinel');
 sub fails_with
 {
 	my ($label, $re, %set) = @_;
-	expect_outage($node, $label, $re,
-		sub { conf_set_and_reload($node, $_, $set{$_}) for sort keys %set; });
+	expect_outage($node, $label, $re, sub { set_all(%set) });
+}
+
+# Set these settings in postgresql.conf (never through SQL: no password in
+# the statement log) and reload once.
+sub set_all
+{
+	my (%set) = @_;
+	for my $name (sort keys %set)
+	{
+		(my $v = $set{$name}) =~ s/'/''/g;
+		$node->append_conf('postgresql.conf', "$name = '$v'");
+	}
+	$node->reload;
 }
 
 sub recovers
 {
 	my ($label, %set) = @_;
-	conf_set_and_reload($node, $_, $set{$_}) for sort keys %set;
+	set_all(%set);
 	ok(wait_for_redis_connected($node, 'postgres', 60), "$label: connected");
 	delivers($label);
 }
