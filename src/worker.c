@@ -166,18 +166,16 @@ ck_report_failure(const char *msg, bool connection)
 }
 
 /*
- * Make sure there is a Redis connection; false (reported) when there is
- * none. Every new connection resolves the topology afresh (through the
- * Sentinels, when there are), so a failover is followed.
+ * Connect; false (reported) on failure. Every new connection resolves the
+ * topology afresh (through the Sentinels, when there are), so a failover
+ * is followed.
  */
 static bool
-ck_ensure_connection(void)
+ck_connect(void)
 {
 	char	   *err = NULL;
 	char	   *where = NULL;
 
-	if (ck_conn_usable(redis))
-		return true;
 	ck_drop_connection();
 	if (topology == NULL)
 		topology = ck_topology_create(ck_redis_url, &err);
@@ -205,6 +203,30 @@ ck_ensure_connection(void)
 	redis_down = false;
 	ck_set_connected(true);
 	return true;
+}
+
+/*
+ * Make sure there is a Redis connection; false (reported) when there is
+ * none. What an attempt allocates (messages, replies) is freed after it:
+ * while Redis is down the worker tries again and again.
+ */
+static bool
+ck_ensure_connection(void)
+{
+	static MemoryContext connect_cxt = NULL;
+	MemoryContext old;
+	bool		ok;
+
+	if (ck_conn_usable(redis))
+		return true;
+	if (connect_cxt == NULL)
+		connect_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit connect",
+											ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(connect_cxt);
+	ok = ck_connect();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(connect_cxt);
+	return ok;
 }
 
 /* what becomes of a queue entry after a delivery attempt */
