@@ -14,8 +14,20 @@ ALTER SYSTEM SET cachekit.redis_url = 'redis://:s3cret@127.0.0.1:6379/db';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://s3cret@127.0.0.1:6379/0';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://:s3cret%zz@127.0.0.1/0';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://';
-ALTER SYSTEM SET cachekit.redis_url = 'rediss://127.0.0.1';
+ALTER SYSTEM SET cachekit.redis_url = 'redis-sentinel://127.0.0.1';
+ALTER SYSTEM SET cachekit.redis_url = 'unix://:s3cret@relative.sock';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:6379/0 extra';
+ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:6379/0#mymaster';
+ALTER SYSTEM SET cachekit.redis_url = 'redis-sentinel://:s3cret@h1,,h3/0#mymaster';
+ALTER SYSTEM SET cachekit.redis_url = 'redis-sentinel://:s3cret@h1:26379/0?sentinel_passwd=x#mymaster';
+ALTER SYSTEM SET cachekit.redis_url = 'redis://h1/0?sentinel_password=x';
+ALTER SYSTEM SET cachekit.redis_url = 'unix:///run/redis.sock?db=two';
+-- the forms of "Connecting to Redis" in the README are accepted
+ALTER SYSTEM SET cachekit.redis_url = 'rediss://cachekit:s3cret@master.example.com:6379/0';
+ALTER SYSTEM SET cachekit.redis_url = 'unix://:s3cret@/run/redis/redis-server.sock?db=2';
+ALTER SYSTEM SET cachekit.redis_url = 'redis-sentinel://:s3cret@10.0.0.11,10.0.0.12:26380,[::1]/0#mymaster';
+ALTER SYSTEM SET cachekit.redis_url = 'rediss-sentinel://h1?sentinel_password=s%40x#my%20master';
+ALTER SYSTEM RESET cachekit.redis_url;
 -- not settable per session
 SET cachekit.redis_url = 'redis://127.0.0.1';
 

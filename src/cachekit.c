@@ -38,6 +38,21 @@ int			ck_dead_letter_after = 600;
 int			ck_batch_bytes = 16 * 1024 * 1024;
 int			ck_max_value_bytes = 512 * 1024;
 
+/* TLS and Sentinel (issue 10) */
+char	   *ck_redis_tls_ca_file = NULL;
+char	   *ck_redis_tls_cert_file = NULL;
+char	   *ck_redis_tls_key_file = NULL;
+int			ck_redis_tls_verify = CK_TLS_VERIFY_FULL;
+char	   *ck_redis_tls_server_name = NULL;
+char	   *ck_redis_sentinel_password = NULL;
+
+static const struct config_enum_entry ck_tls_verify_options[] = {
+	{"full", CK_TLS_VERIFY_FULL, false},
+	{"ca", CK_TLS_VERIFY_CA, false},
+	{"none", CK_TLS_VERIFY_NONE, false},
+	{NULL, 0, false}
+};
+
 /*---- shared state ----*/
 
 CachekitShared *ck_shared = NULL;
@@ -52,6 +67,7 @@ static void ck_shmem_startup(void);
 static bool check_redis_url(char **newval, void **extra, GucSource source);
 static bool check_tag_prefix(char **newval, void **extra, GucSource source);
 static void ck_emit_log(ErrorData *edata);
+static void ck_define_connection_settings(void);
 
 PG_FUNCTION_INFO_V1(cachekit_worker_state);
 
@@ -78,7 +94,9 @@ _PG_init(void)
 
 	DefineCustomStringVariable("cachekit.redis_url",
 							   "Redis server the worker delivers to.",
-							   "redis://[[user]:password@]host[:port][/db]. Only superusers can see it, as it may hold a password.",
+							   "redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path[?db=N], "
+							   "redis-sentinel://[[user]:password@]host[:port][,host[:port]...][/db]#master, rediss-sentinel://... "
+							   "Only superusers can see it, as it may hold a password.",
 							   &ck_redis_url,
 							   "redis://127.0.0.1:6379/0",
 							   PGC_SIGHUP,
@@ -174,6 +192,7 @@ _PG_init(void)
 							PGC_SIGHUP,
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
+	ck_define_connection_settings();
 
 	MarkGUCPrefixReserved("cachekit");
 
@@ -189,6 +208,48 @@ _PG_init(void)
 	ck_queue_init();
 	ck_ddl_init();
 	ck_register_worker();
+}
+
+/* Define the TLS and Sentinel settings: superuser-only, reloadable. */
+static void
+ck_define_connection_settings(void)
+{
+	static const struct
+	{
+		const char *name;
+		const char *desc;
+		char	  **var;
+	}			files[] = {
+		{"cachekit.redis_tls_ca_file",
+		"Certificates of the authorities that sign Redis's certificate (PEM); empty: the system's.",
+		&ck_redis_tls_ca_file},
+		{"cachekit.redis_tls_cert_file",
+		"Client certificate (PEM) the worker shows Redis over TLS, for mutual TLS.",
+		&ck_redis_tls_cert_file},
+		{"cachekit.redis_tls_key_file",
+		"Private key (PEM) of cachekit.redis_tls_cert_file; must not be readable by others.",
+		&ck_redis_tls_key_file},
+		{"cachekit.redis_tls_server_name",
+		"Name sent as SNI and verified in Redis's certificate, when it differs from the URL's host.",
+		&ck_redis_tls_server_name},
+		{"cachekit.redis_sentinel_password",
+		"Password of the Sentinels, when they need one (the URL's holds the master's).",
+		&ck_redis_sentinel_password},
+	};
+
+	for (int i = 0; i < (int) lengthof(files); i++)
+		DefineCustomStringVariable(files[i].name, files[i].desc, NULL, files[i].var, "",
+								   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("cachekit.redis_tls_verify",
+							 "How Redis's TLS certificate is checked: full (chain and host name), ca (chain only), none.",
+							 NULL,
+							 &ck_redis_tls_verify,
+							 CK_TLS_VERIFY_FULL,
+							 ck_tls_verify_options,
+							 PGC_SIGHUP,
+							 GUC_SUPERUSER_ONLY,
+							 NULL, NULL, NULL);
 }
 
 /* Ask for the shared state. */
@@ -241,7 +302,7 @@ check_redis_url(char **newval, void **extra, GucSource source)
 		return true;
 	GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
 	GUC_check_errmsg("invalid cachekit.redis_url: %s", err);
-	GUC_check_errhint("The form is redis://[[user]:password@]host[:port][/db].");
+	GUC_check_errhint("The forms are described under \"Connecting to Redis\" in cachekit's README.");
 	return false;
 }
 
@@ -262,6 +323,41 @@ ck_strcasestr(const char *haystack, const char *needle)
 		if (pg_strncasecmp(haystack, needle, len) == 0)
 			return haystack;
 	return NULL;
+}
+
+/*
+ * Replace, in place, the value of every "password=" URL parameter (as in
+ * ?sentinel_password=...) by "***"; true if there was one.
+ */
+static bool
+ck_mask_query_passwords(StringInfo buf)
+{
+	bool		masked = false;
+	char	   *p = buf->data;
+
+	while ((p = strstr(p, "password=")) != NULL)
+	{
+		char	   *value = p + 9;
+		char	   *end = value;
+		StringInfoData rest;
+
+		while (*end && *end != '&' && *end != '#' && *end != '"' && *end != '\'' && *end != ' ')
+			end++;
+		if (end == value || (end - value == 3 && strncmp(value, "***", 3) == 0))
+		{
+			p = end;
+			continue;
+		}
+		initStringInfo(&rest);
+		appendStringInfo(&rest, "***%s", end);
+		buf->len = value - buf->data;
+		buf->data[buf->len] = '\0';
+		appendStringInfoString(buf, rest.data);
+		pfree(rest.data);
+		p = buf->data + (value - buf->data) + 3;
+		masked = true;
+	}
+	return masked;
 }
 
 /*
@@ -323,6 +419,9 @@ ck_mask_secrets(const char *msg)
 			break;
 		}
 	}
+
+	/* ?sentinel_password=... and the like */
+	masked |= ck_mask_query_passwords(&out);
 	if (!masked)
 	{
 		pfree(out.data);

@@ -238,9 +238,11 @@ typedef struct CkDeliveryStats
 	uint64		values_too_large;
 } CkDeliveryStats;
 
+typedef struct CkConn CkConn;	/* a Redis connection, see protocol.c */
+
 extern CkErrorClass ck_error_class(const char *msg);
-extern bool ck_deliver_prepare(char **errmsg);
-extern bool ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg);
+extern bool ck_deliver_prepare(CkConn *conn, char **errmsg);
+extern bool ck_deliver(CkConn *conn, CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg);
 
 /*---- the worker (worker.c) ----*/
 
@@ -266,16 +268,95 @@ extern TimestampTz ck_waiting_next_retry(void);
 extern void ck_waiting_hold(CkEntry *entries, int n);
 extern void ck_waiting_update(CkEntry *entries, int n, const bool *refused);
 
-/*---- Redis (redis.c): the only part that includes hiredis ----*/
+/*---- Redis: where it is (url.c) ----*/
 
-typedef struct CkRedisUrl
+/* how the worker reaches Redis */
+typedef enum CkRedisKind
+{
+	CK_REDIS_TCP,				/* redis://, rediss:// */
+	CK_REDIS_UNIX,				/* unix:///path */
+	CK_REDIS_SENTINEL			/* redis-sentinel://, rediss-sentinel:// */
+} CkRedisKind;
+
+/* one network address */
+typedef struct CkHostPort
 {
 	char	   *host;
 	int			port;
+} CkHostPort;
+
+typedef struct CkRedisUrl
+{
+	CkRedisKind kind;
+	bool		tls;			/* rediss:// or rediss-sentinel:// */
+	char	   *host;			/* TCP */
+	int			port;
+	char	   *path;			/* UNIX: the socket */
+	int			nsentinels;		/* SENTINEL: where to ask, in order */
+	CkHostPort *sentinels;
+	char	   *master_name;
+	char	   *sentinel_password;	/* URL parameter, or NULL */
 	char	   *user;			/* NULL for none */
 	char	   *password;		/* NULL for none */
 	int			db;
 } CkRedisUrl;
+
+extern bool ck_parse_redis_url(const char *url, CkRedisUrl *out, char **errmsg);
+
+/*---- Redis: TLS settings (cachekit.c) ----*/
+
+#define CK_TLS_VERIFY_FULL	0	/* chain and host name */
+#define CK_TLS_VERIFY_CA	1	/* chain only */
+#define CK_TLS_VERIFY_NONE	2
+
+extern char *ck_redis_tls_ca_file;
+extern char *ck_redis_tls_cert_file;
+extern char *ck_redis_tls_key_file;
+extern int	ck_redis_tls_verify;
+extern char *ck_redis_tls_server_name;
+extern char *ck_redis_sentinel_password;
+
+/*---- Redis: bytes on a socket, plain or TLS (transport.c) ----*/
+
+struct ssl_st;
+struct WaitEventSet;
+
+/* one open socket; every wait on it is a latch wait with a deadline */
+typedef struct CkTransport
+{
+	int			fd;				/* -1 when closed */
+	struct ssl_st *ssl;			/* NULL for plain TCP or a unix socket */
+	struct WaitEventSet *wait_set;
+	int			socket_pos;
+	uint32		socket_events;
+	bool		connecting;		/* a reload abandons a connection attempt */
+} CkTransport;
+
+extern bool ck_transport_open(CkTransport *t, const char *host, int port,
+							  const char *path, bool tls, TimestampTz deadline,
+							  char **errmsg);
+extern bool ck_transport_send(CkTransport *t, const char *data, size_t len,
+							  TimestampTz deadline, char **errmsg);
+extern ssize_t ck_transport_recv(CkTransport *t, char *buf, size_t cap,
+								 TimestampTz deadline, char **errmsg);
+extern void ck_transport_close(CkTransport *t);
+extern bool ck_redis_took_wakeup(void);
+
+/*---- Redis: commands and replies on one connection (protocol.c) ----*/
+
+struct redisReader;
+
+/* one connection to one Redis (or Sentinel) process */
+struct CkConn
+{
+	MemoryContext cxt;			/* the connection and its buffers */
+	CkTransport transport;
+	struct redisReader *reader;
+	StringInfoData out;			/* commands not sent yet */
+	char	   *where;			/* host:port/db or the socket, for messages */
+	bool		broken;
+	int			replicas;		/* replicas that must have each batch, or 0 */
+};
 
 /* the outcome of one command in a pipeline */
 typedef enum CkReplyStatus
@@ -291,13 +372,48 @@ typedef struct CkReply
 	char	   *error;			/* palloc'd error text */
 } CkReply;
 
-extern bool ck_parse_redis_url(const char *url, CkRedisUrl *out, char **errmsg);
-extern bool ck_redis_connect(const CkRedisUrl *url, char **errmsg);
-extern void ck_redis_disconnect(void);
-extern bool ck_redis_connected(void);
-extern bool ck_redis_took_wakeup(void);
-extern void ck_redis_append(int argc, const char **argv, const size_t *argvlen);
-extern bool ck_redis_read(CkReply *reply, char **errmsg);
-extern bool ck_redis_script_load(const char *body, char *sha, char **errmsg);
+/* a reply to a set-up command, flattened: its strings, or its error */
+typedef struct CkCallResult
+{
+	char	   *error;			/* an error reply, or NULL */
+	bool		nil;			/* a nil reply */
+	int			nstrings;		/* a string, or an array's elements: */
+	char	  **strings;		/* strings; a nested array's length; NULL */
+} CkCallResult;
+
+extern CkConn *ck_conn_open(const char *host, int port, const char *path,
+							bool tls, TimestampTz deadline, char **errmsg);
+extern void ck_conn_free(CkConn *conn);
+extern bool ck_conn_usable(CkConn *conn);
+extern void ck_redis_append(CkConn *conn, int argc, const char **argv,
+							const size_t *argvlen);
+extern bool ck_redis_read(CkConn *conn, CkReply *reply, char **errmsg);
+extern bool ck_redis_call(CkConn *conn, int argc, const char **argv,
+						  TimestampTz deadline, CkCallResult *result,
+						  char **errmsg);
+extern bool ck_redis_script_load(CkConn *conn, const char *body, char *sha,
+								 char **errmsg);
+
+/*---- Redis: which node to talk to (topology.c) ----*/
+
+/* what the worker connects to, and what it learnt about it */
+typedef struct CkTopology
+{
+	MemoryContext cxt;
+	CkRedisUrl	url;
+	int		   *sentinel_order; /* indexes into url.sentinels, best first */
+	char	   *master;			/* host:port of the last master connected to */
+	bool		master_changed; /* ...which is not the one before: replay */
+	List	   *recent;			/* CkRecent: batches delivered lately */
+	int64		recent_keys;
+	bool		recent_truncated;	/* some were forgotten early */
+} CkTopology;
+
+extern CkTopology *ck_topology_create(const char *url_text, char **errmsg);
+extern void ck_topology_free(CkTopology *topo);
+extern CkConn *ck_topology_connect(CkTopology *topo, char **where, char **errmsg);
+extern bool ck_topology_sync(CkConn *conn, char **errmsg);
+extern void ck_topology_note_delivered(CkTopology *topo, const CkEntry *entries, int n);
+extern bool ck_topology_replay(CkTopology *topo, CkConn *conn, char **errmsg);
 
 #endif							/* CACHEKIT_H */

@@ -169,6 +169,7 @@ typedef struct CkKeyPlan
 /* the whole batch, as ck_deliver splits it up */
 typedef struct CkBatch
 {
+	CkConn	   *conn;			/* the Redis connection it goes out on */
 	CkEntry    *entries;
 	int			n;
 	int		   *segment;		/* pipeline of each entry */
@@ -218,15 +219,18 @@ ck_error_class(const char *msg)
 		return CK_ERRCLASS_SERVER;
 	if (strncmp(msg, "NOPERM ", 7) == 0 && strstr(msg, "permissions to run") != NULL)
 		return CK_ERRCLASS_SERVER;
+	/* the same, met inside one of cachekit's scripts */
+	if (strncmp(msg, "ERR ", 4) == 0 && strstr(msg, "can't run this command") != NULL)
+		return CK_ERRCLASS_SERVER;
 	return CK_ERRCLASS_ENTRY;
 }
 
 /* Load the scripts on a fresh connection (called after each connect). */
 bool
-ck_deliver_prepare(char **errmsg)
+ck_deliver_prepare(CkConn *conn, char **errmsg)
 {
 	for (int i = 0; i < CK_NSCRIPTS; i++)
-		if (!ck_redis_script_load(*scripts[i], script_sha[i], errmsg))
+		if (!ck_redis_script_load(conn, *scripts[i], script_sha[i], errmsg))
 			return false;
 	return true;
 }
@@ -313,7 +317,7 @@ ck_held(const CkEntry *e)
 
 /* Queue one step of a tag's flush. */
 static void
-ck_append_flush_step(CkFlush *f)
+ck_append_flush_step(CkConn *conn, CkFlush *f)
 {
 	const char *argv[6];
 	size_t		lens[6];
@@ -335,7 +339,7 @@ ck_append_flush_step(CkFlush *f)
 	}
 	for (int i = 0; i < 5; i++)
 		lens[i] = strlen(argv[i]);
-	ck_redis_append(5, argv, lens);
+	ck_redis_append(conn, 5, argv, lens);
 }
 
 /* Move a tag's flush on by one reply. */
@@ -434,7 +438,7 @@ ck_plan_key(CkBatch *b, CkGroup *g, CkKeyPlan *plan)
 
 /* Queue the script that applies a key's final state. */
 static void
-ck_append_apply(CkKeyPlan *plan)
+ck_append_apply(CkConn *conn, CkKeyPlan *plan)
 {
 	CkEntry    *w = plan->final_write;
 	int			njoin = w ? w->ntags : 0;
@@ -458,14 +462,14 @@ ck_append_apply(CkKeyPlan *plan)
 	argv[argc++] = psprintf("%d", njoin);
 	for (int i = 0; i < argc; i++)
 		lens[i] = strlen(argv[i]);
-	ck_redis_append(argc, argv, lens);
+	ck_redis_append(conn, argc, argv, lens);
 	pfree(argv);
 	pfree(lens);
 }
 
 /* Queue one UNLINK of plans[0..count). */
 static void
-ck_append_unlink(CkKeyPlan **plans, int count)
+ck_append_unlink(CkConn *conn, CkKeyPlan **plans, int count)
 {
 	const char **argv = palloc(sizeof(char *) * (count + 1));
 	size_t	   *lens = palloc(sizeof(size_t) * (count + 1));
@@ -477,7 +481,7 @@ ck_append_unlink(CkKeyPlan **plans, int count)
 		argv[k + 1] = plans[k]->group->str;
 		lens[k + 1] = strlen(argv[k + 1]);
 	}
-	ck_redis_append(count + 1, argv, lens);
+	ck_redis_append(conn, count + 1, argv, lens);
 	pfree(argv);
 	pfree(lens);
 }
@@ -499,7 +503,7 @@ ck_read_unlinks(CkBatch *b, CkKeyPlan **simple, int nsimple, bool *split, char *
 		int			count = Min(CK_CHUNK, nsimple - first);
 
 		split[c] = false;
-		if (!ck_redis_read(&reply, errmsg))
+		if (!ck_redis_read(b->conn, &reply, errmsg))
 			return false;
 		if (reply.status == CK_REPLY_OK)
 			b->stats->keys_deleted += count;
@@ -521,7 +525,7 @@ ck_split_unlinks(CkBatch *b, CkKeyPlan **simple, int nsimple, bool *split, char 
 	for (int c = 0; c < nchunks; c++)
 		if (split[c])
 			for (int k = c * CK_CHUNK; k < Min((c + 1) * CK_CHUNK, nsimple); k++)
-				ck_append_unlink(&simple[k], 1);
+				ck_append_unlink(b->conn, &simple[k], 1);
 	for (int c = 0; c < nchunks; c++)
 	{
 		if (!split[c])
@@ -530,7 +534,7 @@ ck_split_unlinks(CkBatch *b, CkKeyPlan **simple, int nsimple, bool *split, char 
 		{
 			CkReply		reply;
 
-			if (!ck_redis_read(&reply, errmsg))
+			if (!ck_redis_read(b->conn, &reply, errmsg))
 				return false;
 			if (reply.status == CK_REPLY_OK)
 				b->stats->keys_deleted++;
@@ -573,7 +577,7 @@ ck_start_flushes(CkBatch *b, int s, int *nflushes)
 		flushes[t].set = psprintf("%s%s", ck_tag_prefix, tags[t].str);
 		flushes[t].private_set = psprintf("cachekit:flushing:%s", flushes[t].set);
 		flushes[t].phase = CK_FLUSH_BEGIN;
-		ck_append_flush_step(&flushes[t]);
+		ck_append_flush_step(b->conn, &flushes[t]);
 	}
 	*nflushes = ntags;
 	return flushes;
@@ -594,7 +598,7 @@ ck_run_flushes(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
 
 			if (f->phase == CK_FLUSH_DONE || f->failed)
 				continue;
-			if (!ck_redis_read(&reply, errmsg))
+			if (!ck_redis_read(b->conn, &reply, errmsg))
 				return false;
 			if (reply.status != CK_REPLY_OK)
 			{
@@ -611,7 +615,7 @@ ck_run_flushes(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
 
 			if (f->phase == CK_FLUSH_DONE || f->failed)
 				continue;
-			ck_append_flush_step(f);
+			ck_append_flush_step(b->conn, f);
 			active++;
 		}
 		CHECK_FOR_INTERRUPTS();
@@ -640,10 +644,10 @@ ck_deliver_segment(CkBatch *b, int s, char **errmsg)
 
 	/* round one: plain deletes, key scripts, first step of every flush */
 	for (int first = 0; first < nsimple; first += CK_CHUNK)
-		ck_append_unlink(&simple[first], Min(CK_CHUNK, nsimple - first));
+		ck_append_unlink(b->conn, &simple[first], Min(CK_CHUNK, nsimple - first));
 	for (int k = 0; k < b->nkeys; k++)
 		if (b->plans[k].segment == s && !b->plans[k].simple)
-			ck_append_apply(&b->plans[k]);
+			ck_append_apply(b->conn, &b->plans[k]);
 	flushes = ck_start_flushes(b, s, &ntags);
 
 	/* replies, in the same order */
@@ -655,7 +659,7 @@ ck_deliver_segment(CkBatch *b, int s, char **errmsg)
 
 		if (b->plans[k].segment != s || b->plans[k].simple)
 			continue;
-		if (!ck_redis_read(&reply, errmsg))
+		if (!ck_redis_read(b->conn, &reply, errmsg))
 			return false;
 		if (reply.status != CK_REPLY_OK)
 			ck_fail_group(b->entries, b->plans[k].group, &reply);
@@ -763,13 +767,14 @@ ck_key_groups(CkEntry *entries, int n, CkGroup **keys)
  * the next one. Deletes may move across flushes freely.
  */
 bool
-ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
+ck_deliver(CkConn *conn, CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 {
 	CkBatch		b;
 	CkGroup    *keys;
 	int			nsegments;
 
 	memset(stats, 0, sizeof(CkDeliveryStats));
+	b.conn = conn;
 	b.entries = entries;
 	b.n = n;
 	b.stats = stats;

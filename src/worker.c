@@ -86,6 +86,28 @@ static TimestampTz last_vacuum = 0;
 
 static char *current_host = NULL;	/* for messages, without the password */
 
+/*
+ * Where Redis is (made from cachekit.redis_url, remade after a reload) and
+ * the connection to it, NULL when there is none.
+ */
+static CkTopology *topology = NULL;
+static CkConn *redis = NULL;
+
+/*
+ * The longest wait between reconnection attempts through Sentinel (when
+ * cachekit.retry_max_delay is longer): after a failover, delivery resumes
+ * soon after the Sentinels name the new master.
+ */
+#define CK_SENTINEL_RETRY_MS 400
+
+/* Close the Redis connection, if any. */
+static void
+ck_drop_connection(void)
+{
+	ck_conn_free(redis);
+	redis = NULL;
+}
+
 /* Exit callback: stop advertising our latch. */
 static void
 ck_worker_exit(int code, Datum arg)
@@ -95,7 +117,7 @@ ck_worker_exit(int code, Datum arg)
 	ck_shared->worker_pid = 0;
 	ck_shared->connected = false;
 	SpinLockRelease(&ck_shared->mutex);
-	ck_redis_disconnect();
+	ck_drop_connection();
 }
 
 /* Publish whether we hold a Redis connection. */
@@ -123,35 +145,68 @@ ck_report_failure(const char *msg, bool connection)
 	}
 }
 
-/* Make sure there is a Redis connection; false (reported) when there is none. */
+/*
+ * Connect; false (reported) on failure. Every new connection resolves the
+ * topology afresh (through the Sentinels, when there are), so a failover
+ * is followed.
+ */
 static bool
-ck_ensure_connection(void)
+ck_connect(void)
 {
-	CkRedisUrl	url;
 	char	   *err = NULL;
+	char	   *where = NULL;
 
-	if (ck_redis_connected())
-		return true;
-	if (!ck_parse_redis_url(ck_redis_url, &url, &err))
+	ck_drop_connection();
+	if (topology == NULL)
+		topology = ck_topology_create(ck_redis_url, &err);
+	if (topology == NULL)
 	{
 		ck_report_failure(psprintf("invalid cachekit.redis_url: %s", err), true);
 		return false;
 	}
-	if (!ck_redis_connect(&url, &err) || !ck_deliver_prepare(&err))
+	redis = ck_topology_connect(topology, &where, &err);
+	if (redis == NULL || !ck_deliver_prepare(redis, &err) ||
+		!ck_topology_replay(topology, redis, &err))
 	{
-		ck_report_failure(err, true);
+		ck_drop_connection();
+		/* an attempt a reload cut short is no failure: it starts over now */
+		if (!ConfigReloadPending)
+			ck_report_failure(err, true);
 		return false;
 	}
 	if (current_host)
 		pfree(current_host);
-	current_host = MemoryContextStrdup(TopMemoryContext,
-									   psprintf("%s:%d/%d", url.host, url.port, url.db));
+	current_host = MemoryContextStrdup(TopMemoryContext, where);
 	ereport(LOG,
 			(errmsg(redis_down ? "cachekit worker reconnected to Redis at %s" :
 					"cachekit worker connected to Redis at %s", current_host)));
 	redis_down = false;
 	ck_set_connected(true);
 	return true;
+}
+
+/*
+ * Make sure there is a Redis connection; false (reported) when there is
+ * none. What an attempt allocates (messages, replies) is freed after it:
+ * while Redis is down the worker tries again and again.
+ */
+static bool
+ck_ensure_connection(void)
+{
+	static MemoryContext connect_cxt = NULL;
+	MemoryContext old;
+	bool		ok;
+
+	if (ck_conn_usable(redis))
+		return true;
+	if (connect_cxt == NULL)
+		connect_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit connect",
+											ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(connect_cxt);
+	ok = ck_connect();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(connect_cxt);
+	return ok;
 }
 
 /* what becomes of a queue entry after a delivery attempt */
@@ -811,7 +866,7 @@ ck_pass(MemoryContext batch_cxt)
 		if (OidIsValid(batch_ext) && ck_waiting_idle())
 			ck_publish_drained(plans_queue, pass_no);
 		/* connect while idle too, so cachekit_stats tells whether Redis is up */
-		if (OidIsValid(batch_ext) && !ck_redis_connected())
+		if (OidIsValid(batch_ext) && !ck_conn_usable(redis))
 			(void) ck_ensure_connection();
 		return CK_PASS_IDLE;
 	}
@@ -825,10 +880,14 @@ ck_pass(MemoryContext batch_cxt)
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
 	ck_waiting_hold(entries, n);
-	ok = ck_deliver(entries, n, &stats, &err);
+	ok = ck_deliver(redis, entries, n, &stats, &err);
+	/* through Sentinel: the replicas have it too, or a failover could lose it */
+	if (ok)
+		ok = ck_topology_sync(redis, &err);
 	if (!ok)
 	{
 		MemoryContextSwitchTo(old);
+		ck_drop_connection();
 		ck_report_failure(err, true);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		return CK_PASS_FAILED;
@@ -848,6 +907,8 @@ ck_pass(MemoryContext batch_cxt)
 	if (batch_settled)
 	{
 		ck_settle_batch(entries, n, read_filenode);
+		/* through Sentinel, a failover may lose them: remember them a while */
+		ck_topology_note_delivered(topology, entries, n);
 		ck_advance_floor(plans_queue, entries, n, covered);
 		/*
 		 * Propose the next floor at once (the lockers looked at now came
@@ -878,8 +939,11 @@ ck_pass(MemoryContext batch_cxt)
 
 	if (transient)
 	{
-		/* e.g. NOSCRIPT or LOADING: start afresh on a new connection */
-		ck_redis_disconnect();
+		/*
+		 * e.g. NOSCRIPT, LOADING, or READONLY from a master demoted by a
+		 * failover: start afresh on a new connection, resolved anew
+		 */
+		ck_drop_connection();
 		ck_set_connected(false);
 	}
 	if (refused || transient)
@@ -1008,7 +1072,7 @@ ck_pass_guarded(MemoryContext batch_cxt)
 		AbortCurrentTransaction();
 		ck_free_plans();
 		/* the pipeline may be half read: start on a fresh connection */
-		ck_redis_disconnect();
+		ck_drop_connection();
 		ck_set_connected(false);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		result = CK_PASS_FAILED;
@@ -1125,8 +1189,13 @@ cachekit_worker_main(Datum arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			/* settings may have changed the URL or timeouts: reconnect now */
-			ck_redis_disconnect();
+			/*
+			 * settings may have changed the URL, the TLS files or the
+			 * timeouts: reconnect now, to the URL as it is now
+			 */
+			ck_drop_connection();
+			ck_topology_free(topology);
+			topology = NULL;
 			/* and the batch size, which the read statement holds */
 			ck_free_plans();
 			ck_set_connected(false);
@@ -1144,6 +1213,9 @@ cachekit_worker_main(Datum arg)
 				backoff_ms = backoff_ms == 0 ? CK_FIRST_RETRY_MS :
 					Min(backoff_ms * 2, ck_retry_max_delay);
 				backoff_ms = Min(backoff_ms, ck_retry_max_delay);
+				if (redis == NULL && topology != NULL &&
+					topology->url.kind == CK_REDIS_SENTINEL)
+					backoff_ms = Min(backoff_ms, CK_SENTINEL_RETRY_MS);
 				retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
 			}
 			else

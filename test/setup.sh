@@ -30,7 +30,7 @@ MARKER=.cachekit-build-dir
 
 PACKAGES=(postgresql-15 postgresql-server-dev-15 libhiredis-dev redis-server
           redis-tools libipc-run-perl make gcc
-          postgresql-server-dev-all debhelper dpkg-dev fakeroot lintian libssl-dev
+          postgresql-server-dev-all debhelper dpkg-dev fakeroot lintian libssl-dev openssl
           prometheus-postgres-exporter)
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -101,6 +101,8 @@ Options:
   dir      => PATH      working folder (default tmp_check/redis_<test>_<n>)
   password => STR       start with --requirepass; redis_cmd then authenticates
   args     => [ ... ]   more redis-server arguments, e.g. [ '--maxmemory', '1mb' ]
+  conf     => FILE      a config file redis-server reads before the arguments
+  sentinel => 1         run as a Sentinel (with conf, which it rewrites)
   timeout  => SECONDS   how long to wait for it to answer
 
 Snapshots and the append-only file are off. Dies if the server does not come
@@ -118,6 +120,8 @@ sub start_redis
 		password => $opts{password},
 		args     => $opts{args} // [],
 		dir      => $opts{dir},
+		conf     => $opts{conf},        # a config file read first (Sentinel's)
+		sentinel => $opts{sentinel},    # run as a Sentinel
 		pid      => undef,
 		paused   => 0,
 	}, 'CachekitTest::Redis';
@@ -148,6 +152,8 @@ sub _spawn_redis
 
 	my @cmd = (
 		'redis-server',
+		(defined $self->{conf} ? ($self->{conf}) : ()),
+		($self->{sentinel} ? ('--sentinel') : ()),
 		'--port'          => $self->{port},
 		'--bind'          => $self->{host},
 		'--dir'           => $self->{dir},
