@@ -412,9 +412,15 @@ ck_mask_secrets(const char *msg)
 		if (ck_strcasestr(pnstrdup(setting, end - setting), "password") &&
 			*end != '\0')
 		{
-			out.len = end - out.data;
+			/* keep the quote that closes the name and the one that opens the value */
+			const char *open = strpbrk(*end == '"' ? end + 1 : end, "\"'");
+			char		quote = open ? *open : '\0';
+
+			out.len = (open ? open + 1 : end) - out.data;
 			out.data[out.len] = '\0';
-			appendStringInfoString(&out, " ***");
+			appendStringInfoString(&out, open ? "***" : " ***");
+			if (quote)
+				appendStringInfoChar(&out, quote);
 			masked = true;
 			break;
 		}
