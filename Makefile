@@ -9,7 +9,7 @@ EXTENSION = cachekit
 EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
 
 MODULE_big = cachekit
-OBJS = src/cachekit.o src/template.o src/trigger.o src/queue.o src/deliver.o src/worker.o src/redis.o
+OBJS = src/cachekit.o src/template.o src/trigger.o src/queue.o src/deliver.o src/worker.o src/redis.o src/redelete.o
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 PGFILEDESC = "cachekit - Redis cache invalidation from PostgreSQL"
 

@@ -33,6 +33,7 @@ int			ck_connect_timeout = 2000;
 int			ck_command_timeout = 5000;
 int			ck_max_attempts = 5;
 int			ck_max_value_bytes = 512 * 1024;
+int			ck_redelete_after = 0;
 
 /*---- shared state ----*/
 
@@ -146,6 +147,15 @@ _PG_init(void)
 							512 * 1024, 1, 512 * 1024 * 1024,
 							PGC_SIGHUP,
 							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.redelete_after",
+							"Delay after which the worker deletes invalidated keys and flushes tags a second time.",
+							"0 turns the second delete off.",
+							&ck_redelete_after,
+							0, 0, 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("cachekit");

@@ -55,6 +55,7 @@ extern int	ck_connect_timeout;
 extern int	ck_command_timeout;
 extern int	ck_max_attempts;
 extern int	ck_max_value_bytes;
+extern int	ck_redelete_after;
 
 /*---- shared memory (cachekit.c) ----*/
 
@@ -164,6 +165,12 @@ typedef struct CkDeliveryStats
 
 extern bool ck_deliver_prepare(char **errmsg);
 extern bool ck_deliver(CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg);
+
+/*---- delayed second deletes (redelete.c) ----*/
+
+extern void ck_redelete_remember(CkEntry *entries, int n);
+extern long ck_redelete_next_ms(void);
+extern bool ck_redelete_run_due(char **errmsg);
 
 /*---- the worker (worker.c) ----*/
 

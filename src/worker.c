@@ -705,6 +705,7 @@ ck_pass(MemoryContext batch_cxt)
 		ck_advance_floor(plans_queue, entries, n, covered);
 	}
 	ck_commit();
+	ck_redelete_remember(entries, n);	/* cachekit.redelete_after */
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
 	pg_atomic_fetch_add_u64(&ck_shared->tags_flushed, stats.tags_flushed);
@@ -822,7 +823,17 @@ ck_pass_guarded(MemoryContext batch_cxt)
 
 	PG_TRY();
 	{
+		char	   *err = NULL;
+
 		result = ck_pass(batch_cxt);
+		/* second deletes that are due (redelete.c), on the pass's connection */
+		if (result != CK_PASS_FAILED && ck_redis_connected() &&
+			!ck_redelete_run_due(&err))
+		{
+			ck_report_failure(err, true);
+			ck_redis_disconnect();
+			result = CK_PASS_FAILED;
+		}
 	}
 	PG_CATCH();
 	{
@@ -963,6 +974,9 @@ cachekit_worker_main(Datum arg)
 		}
 		else
 			wait_ms = CK_IDLE_TIMEOUT_MS;
+		/* wake for the next second delete that is due (redelete.c) */
+		if (retry_at == 0 && ck_redelete_next_ms() >= 0)
+			wait_ms = Min(wait_ms, ck_redelete_next_ms() + 1);
 
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   wait_ms, PG_WAIT_EXTENSION);

@@ -1,0 +1,191 @@
+/*-------------------------------------------------------------------------
+ *
+ * redelete.c
+ *	  The delayed second delete (cachekit.redelete_after): every key an
+ *	  invalidation deleted, and every tag it flushed, is deleted and flushed
+ *	  once more that long after the first delivery.
+ *
+ * A cache-aside reader that read the old row before a commit and writes it
+ * to Redis after cachekit's delete leaves a stale value behind; when its
+ * read-to-fill time is shorter than the delay, the second delete removes
+ * that value. No client change is needed.
+ *
+ * Pending second deletes live in the worker's memory only, as a FIFO of
+ * delivered batches (their keys and tags copied), so a crash or restart of
+ * the worker loses those not yet due. Their memory is bounded by
+ * CK_REDELETE_MAX_BYTES: when a new batch would pass the bound, the oldest
+ * pending batches are sent at once, earlier than due, to make room (an
+ * early second delete still removes what was filled before it; nothing is
+ * dropped). Only invalidation entries (key deletes and tag flushes) and
+ * write-through deletes are repeated: a write-through value is never
+ * deleted again, since that would turn the reads write-through serves into
+ * misses.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cachekit.h"
+
+#include "lib/ilist.h"
+#include "utils/memutils.h"
+
+/* the most memory pending second deletes may hold */
+#define CK_REDELETE_MAX_BYTES (32 * 1024 * 1024)
+
+/* one delivered batch's keys and tags, due again at "due" */
+typedef struct CkPending
+{
+	dlist_node	node;
+	TimestampTz due;
+	Size		bytes;			/* charged against CK_REDELETE_MAX_BYTES */
+	int			nkeys;
+	char	  **keys;
+	int			ntags;
+	char	  **tags;
+} CkPending;
+
+static dlist_head pending = DLIST_STATIC_INIT(pending);
+static Size pending_bytes = 0;
+static MemoryContext redelete_cxt = NULL;
+
+/* Copy n strings into the redelete context; adds their size to *bytes. */
+static void
+ck_copy_strings(char **dst, int *ndst, char **src, int n, Size *bytes)
+{
+	for (int i = 0; i < n; i++)
+	{
+		dst[(*ndst)++] = pstrdup(src[i]);
+		*bytes += strlen(src[i]) + 1 + sizeof(char *);
+	}
+}
+
+/* Remember the deletes and flushes of a delivered batch for a second time. */
+void
+ck_redelete_remember(CkEntry *entries, int n)
+{
+	MemoryContext old;
+	CkPending  *p;
+	int			nkeys = 0;
+	int			ntags = 0;
+
+	if (ck_redelete_after <= 0)
+		return;
+	for (int i = 0; i < n; i++)
+	{
+		if (entries[i].failed || entries[i].kind == CK_KIND_WRITE)
+			continue;
+		nkeys += entries[i].nkeys;
+		if (entries[i].kind == CK_KIND_INVALIDATE)
+			ntags += entries[i].ntags;
+	}
+	if (nkeys + ntags == 0)
+		return;
+
+	if (redelete_cxt == NULL)
+		redelete_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit redelete",
+											 ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(redelete_cxt);
+	p = palloc0(sizeof(CkPending));
+	p->keys = palloc(sizeof(char *) * Max(nkeys, 1));
+	p->tags = palloc(sizeof(char *) * Max(ntags, 1));
+	p->bytes = sizeof(CkPending);
+	for (int i = 0; i < n; i++)
+	{
+		if (entries[i].failed || entries[i].kind == CK_KIND_WRITE)
+			continue;
+		ck_copy_strings(p->keys, &p->nkeys, entries[i].keys, entries[i].nkeys, &p->bytes);
+		if (entries[i].kind == CK_KIND_INVALIDATE)
+			ck_copy_strings(p->tags, &p->ntags, entries[i].tags, entries[i].ntags, &p->bytes);
+	}
+	MemoryContextSwitchTo(old);
+	p->due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_redelete_after);
+	dlist_push_tail(&pending, &p->node);
+	pending_bytes += p->bytes;
+}
+
+/* Milliseconds until the next second delete is due (-1: none pending). */
+long
+ck_redelete_next_ms(void)
+{
+	CkPending  *p;
+	long		secs;
+	int			usecs;
+
+	if (dlist_is_empty(&pending))
+		return -1;
+	if (pending_bytes > CK_REDELETE_MAX_BYTES)
+		return 0;
+	p = dlist_head_element(CkPending, node, &pending);
+	TimestampDifference(GetCurrentTimestamp(), p->due, &secs, &usecs);
+	return secs * 1000 + (usecs + 999) / 1000;
+}
+
+/* Forget a pending batch. */
+static void
+ck_pending_free(CkPending *p)
+{
+	dlist_delete(&p->node);
+	pending_bytes -= p->bytes;
+	for (int i = 0; i < p->nkeys; i++)
+		pfree(p->keys[i]);
+	for (int i = 0; i < p->ntags; i++)
+		pfree(p->tags[i]);
+	pfree(p->keys);
+	pfree(p->tags);
+	pfree(p);
+}
+
+/*
+ * Send the second deletes that are due (and, over the memory bound, the
+ * oldest ones early). Needs a live Redis connection; returns false when
+ * Redis failed, with the pending batches kept for the next try. Refusals
+ * (a tag's set holding a string, say) are not retried: the first delivery
+ * already dealt with them.
+ */
+bool
+ck_redelete_run_due(char **errmsg)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	CkEntry    *entries;
+	dlist_iter	it;
+	int			n = 0;
+	int			max = 0;
+	CkDeliveryStats stats;
+	bool		ok;
+
+	dlist_foreach(it, &pending)
+	{
+		CkPending  *p = dlist_container(CkPending, node, it.cur);
+
+		if (p->due > now && pending_bytes <= CK_REDELETE_MAX_BYTES)
+			break;
+		max++;
+		if (p->due > now)
+			break;				/* over the bound: one early batch at a time */
+	}
+	if (max == 0)
+		return true;
+
+	entries = palloc0(sizeof(CkEntry) * max);
+	dlist_foreach(it, &pending)
+	{
+		CkPending  *p = dlist_container(CkPending, node, it.cur);
+
+		if (n == max)
+			break;
+		entries[n].id = n;
+		entries[n].kind = CK_KIND_INVALIDATE;
+		entries[n].nkeys = p->nkeys;
+		entries[n].keys = p->keys;
+		entries[n].ntags = p->ntags;
+		entries[n].tags = p->tags;
+		n++;
+	}
+	ok = ck_deliver(entries, n, &stats, errmsg);
+	pfree(entries);
+	if (!ok)
+		return false;
+	for (int i = 0; i < n; i++)
+		ck_pending_free(dlist_head_element(CkPending, node, &pending));
+	/* over the bound still: the next loop runs at once */
+	return true;
+}
