@@ -102,6 +102,8 @@ Options:
   password => STR       start with --requirepass; redis_cmd then authenticates
   args     => [ ... ]   more redis-server arguments, e.g. [ '--maxmemory', '1mb' ]
   timeout  => SECONDS   how long to wait for it to answer
+  conf     => PATH      a configuration file, given first (e.g. a Sentinel's,
+                        with args => [ '--sentinel' ])
 
 Snapshots and the append-only file are off. Dies if the server does not come
 up (the tail of its log is in the message).
@@ -118,6 +120,7 @@ sub start_redis
 		password => $opts{password},
 		args     => $opts{args} // [],
 		dir      => $opts{dir},
+		conf     => $opts{conf},
 		pid      => undef,
 		paused   => 0,
 	}, 'CachekitTest::Redis';
@@ -148,6 +151,7 @@ sub _spawn_redis
 
 	my @cmd = (
 		'redis-server',
+		(defined $self->{conf} ? ($self->{conf}) : ()),
 		'--port'          => $self->{port},
 		'--bind'          => $self->{host},
 		'--dir'           => $self->{dir},
