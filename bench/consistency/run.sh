@@ -82,8 +82,8 @@ say "npm ci in bench/consistency (pg, ioredis)"
 WORK=$(mktemp -d /tmp/cachekit-consistency.XXXXXX)
 chown postgres:postgres "$WORK"
 PG_DATA=$WORK/pgdata
-PG_PORT=$(free_port 55532)
-REDIS_PORT=$(free_port 63890)
+PG_PORT=$(free_port 56532)
+REDIS_PORT=$(free_port 64890)
 
 say "starting redis-server on 127.0.0.1:$REDIS_PORT"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --protected-mode no --save '' --appendonly no \
@@ -100,7 +100,6 @@ say "starting PostgreSQL on port $PG_PORT"
 runuser -u postgres -- "$PG_BIN/initdb" -D "$PG_DATA" -U postgres -A trust --no-locale -E UTF8 \
     >"$WORK/initdb.log" 2>&1 || { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
 cat >>"$PG_DATA/postgresql.conf" <<EOF
-port = $PG_PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$WORK'
 shared_preload_libraries = 'cachekit'
@@ -109,8 +108,16 @@ max_connections = 100
 cachekit.redis_url = 'redis://127.0.0.1:$REDIS_PORT/0'
 cachekit.database = 'postgres'
 EOF
-runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$WORK/postgres.log" -w -t 120 start >/dev/null \
-    || die "PostgreSQL did not start"
+# another engineer's server may take the port between the check and the bind
+for ((try = 1; ; try++)); do
+    if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$WORK/postgres.log" -o "-p $PG_PORT" \
+        -w -t 120 start >/dev/null; then
+        break
+    fi
+    ((try < 5)) || die "PostgreSQL did not start"
+    PG_PORT=$(free_port $((PG_PORT + 1)))
+    say "retrying on port $PG_PORT"
+done
 export PGHOST=$WORK PGPORT=$PG_PORT PGUSER=postgres PGDATABASE=postgres REDIS_PORT
 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION cachekit' >/dev/null
 
