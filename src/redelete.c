@@ -16,10 +16,12 @@
  * CK_REDELETE_MAX_BYTES: when a new batch would pass the bound, the oldest
  * pending batches are sent at once, earlier than due, to make room (an
  * early second delete still removes what was filled before it; nothing is
- * dropped). Only invalidation entries (key deletes and tag flushes) and
- * write-through deletes are repeated: a write-through value is never
- * deleted again, since that would turn the reads write-through serves into
- * misses.
+ * dropped). Invalidation entries (key deletes and tag flushes) and
+ * write-through deletes are repeated as they are. A key that write-through
+ * wrote is deleted a second time only if it no longer holds the value
+ * written (compared in a script), so the reads write-through serves stay
+ * hits while a stale value a reader put back over it goes; of several
+ * writes of one key in a batch only the last one is kept.
  *
  *-------------------------------------------------------------------------
  */
@@ -41,7 +43,25 @@ typedef struct CkPending
 	char	  **keys;
 	int			ntags;
 	char	  **tags;
+	int			nwrites;		/* write-through keys and their values */
+	char	  **wkeys;
+	char	  **wvalues;
 } CkPending;
+
+/*
+ * KEYS[1] a key write-through wrote, ARGV[1] the value: delete the key
+ * unless it still holds that value.
+ */
+static const char *unless_written_script =
+"if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end\n"
+"return redis.call('UNLINK', KEYS[1])\n";
+
+/* a write-through entry of a batch, to sort by key */
+typedef struct CkWriteItem
+{
+	const char *key;
+	int			entry;
+} CkWriteItem;
 
 static dlist_head pending = DLIST_STATIC_INIT(pending);
 static Size pending_bytes = 0;
@@ -58,12 +78,53 @@ ck_copy_strings(char **dst, int *ndst, char **src, int n, Size *bytes)
 	}
 }
 
+/* Order write items by key, then by their place in the batch. */
+static int
+ck_write_item_cmp(const void *a, const void *b)
+{
+	const CkWriteItem *x = a;
+	const CkWriteItem *y = b;
+	int			c = strcmp(x->key, y->key);
+
+	if (c != 0)
+		return c;
+	return x->entry - y->entry;
+}
+
+/*
+ * The batch's write-through entries, the last one per key only (the value
+ * the key was left with); returns how many, in *items (palloc'd).
+ */
+static int
+ck_last_writes(CkEntry *entries, int n, CkWriteItem **items)
+{
+	CkWriteItem *all = palloc(sizeof(CkWriteItem) * Max(n, 1));
+	int			nall = 0;
+	int			nlast = 0;
+
+	for (int i = 0; i < n; i++)
+		if (!entries[i].failed && entries[i].kind == CK_KIND_WRITE &&
+			entries[i].nkeys > 0 && entries[i].value != NULL)
+		{
+			all[nall].key = entries[i].keys[0];
+			all[nall++].entry = i;
+		}
+	qsort(all, nall, sizeof(CkWriteItem), ck_write_item_cmp);
+	for (int i = 0; i < nall; i++)
+		if (i + 1 == nall || strcmp(all[i].key, all[i + 1].key) != 0)
+			all[nlast++] = all[i];
+	*items = all;
+	return nlast;
+}
+
 /* Remember the deletes and flushes of a delivered batch for a second time. */
 void
 ck_redelete_remember(CkEntry *entries, int n)
 {
 	MemoryContext old;
 	CkPending  *p;
+	CkWriteItem *writes;
+	int			nwrites;
 	int			nkeys = 0;
 	int			ntags = 0;
 
@@ -77,8 +138,12 @@ ck_redelete_remember(CkEntry *entries, int n)
 		if (entries[i].kind == CK_KIND_INVALIDATE)
 			ntags += entries[i].ntags;
 	}
-	if (nkeys + ntags == 0)
+	nwrites = ck_last_writes(entries, n, &writes);
+	if (nkeys + ntags + nwrites == 0)
+	{
+		pfree(writes);
 		return;
+	}
 
 	if (redelete_cxt == NULL)
 		redelete_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit redelete",
@@ -87,7 +152,16 @@ ck_redelete_remember(CkEntry *entries, int n)
 	p = palloc0(sizeof(CkPending));
 	p->keys = palloc(sizeof(char *) * Max(nkeys, 1));
 	p->tags = palloc(sizeof(char *) * Max(ntags, 1));
+	p->wkeys = palloc(sizeof(char *) * Max(nwrites, 1));
+	p->wvalues = palloc(sizeof(char *) * Max(nwrites, 1));
 	p->bytes = sizeof(CkPending);
+	for (int i = 0; i < nwrites; i++)
+	{
+		int			nvalues = p->nwrites;
+
+		ck_copy_strings(p->wkeys, &p->nwrites, (char **) &writes[i].key, 1, &p->bytes);
+		ck_copy_strings(p->wvalues, &nvalues, &entries[writes[i].entry].value, 1, &p->bytes);
+	}
 	for (int i = 0; i < n; i++)
 	{
 		if (entries[i].failed || entries[i].kind == CK_KIND_WRITE)
@@ -97,6 +171,7 @@ ck_redelete_remember(CkEntry *entries, int n)
 			ck_copy_strings(p->tags, &p->ntags, entries[i].tags, entries[i].ntags, &p->bytes);
 	}
 	MemoryContextSwitchTo(old);
+	pfree(writes);
 	p->due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_redelete_after);
 	dlist_push_tail(&pending, &p->node);
 	pending_bytes += p->bytes;
@@ -129,9 +204,54 @@ ck_pending_free(CkPending *p)
 		pfree(p->keys[i]);
 	for (int i = 0; i < p->ntags; i++)
 		pfree(p->tags[i]);
+	for (int i = 0; i < p->nwrites; i++)
+	{
+		pfree(p->wkeys[i]);
+		pfree(p->wvalues[i]);
+	}
 	pfree(p->keys);
 	pfree(p->tags);
+	pfree(p->wkeys);
+	pfree(p->wvalues);
 	pfree(p);
+}
+
+/*
+ * The second delete of the keys write-through wrote in the first n pending
+ * batches: each is deleted unless it still holds the value written. Only a
+ * lost connection counts as failure.
+ */
+static bool
+ck_redelete_writes(int n, char **errmsg)
+{
+	dlist_iter	it;
+	int			sent = 0;
+	int			done = 0;
+
+	dlist_foreach(it, &pending)
+	{
+		CkPending  *p = dlist_container(CkPending, node, it.cur);
+
+		if (done++ == n)
+			break;
+		for (int i = 0; i < p->nwrites; i++)
+		{
+			const char *argv[5] = {"EVAL", unless_written_script, "1", p->wkeys[i], p->wvalues[i]};
+			size_t		lens[5] = {4, strlen(unless_written_script), 1,
+			strlen(p->wkeys[i]), strlen(p->wvalues[i])};
+
+			ck_redis_append(5, argv, lens);
+			sent++;
+		}
+	}
+	for (int i = 0; i < sent; i++)
+	{
+		CkReply		reply;
+
+		if (!ck_redis_read(&reply, errmsg))
+			return false;
+	}
+	return true;
 }
 
 /*
@@ -172,6 +292,8 @@ ck_redelete_run_due(char **errmsg)
 
 		if (n == max)
 			break;
+		if (p->nkeys + p->ntags == 0)
+			continue;
 		entries[n].id = n;
 		entries[n].kind = CK_KIND_INVALIDATE;
 		entries[n].nkeys = p->nkeys;
@@ -180,11 +302,12 @@ ck_redelete_run_due(char **errmsg)
 		entries[n].tags = p->tags;
 		n++;
 	}
-	ok = ck_deliver(entries, n, &stats, errmsg);
+	ok = (n == 0 || ck_deliver(entries, n, &stats, errmsg)) &&
+		ck_redelete_writes(max, errmsg);
 	pfree(entries);
 	if (!ok)
 		return false;
-	for (int i = 0; i < n; i++)
+	for (int i = 0; i < max; i++)
 		ck_pending_free(dlist_head_element(CkPending, node, &pending));
 	/* over the bound still: the next loop runs at once */
 	return true;

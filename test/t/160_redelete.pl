@@ -2,7 +2,8 @@
 # set, the worker deletes every invalidated key and flushes every tag a
 # second time that long after the first delivery, so that a stale value a
 # slow cache-aside reader wrote back after the first delete is gone too.
-# Write-through values are not deleted a second time.
+# A key write-through wrote is deleted a second time only if it no longer
+# holds the value written.
 
 use strict;
 use warnings;
@@ -89,7 +90,7 @@ redis_cmd($redis, 'SET', 'item:1', 'v=2');
 sleep(5);
 ok(present('item:1'), 'one second delete per delivery, not more');
 
-# ---- write-through values are not deleted again ------------------------------
+# ---- write-through: the value written stays, a stale one over it goes --------
 
 sql('UPDATE rows_wt SET v = 5 WHERE id = 1');
 ok(delivered(), 'write-through UPDATE delivered');
@@ -98,6 +99,22 @@ like($wt, qr/"v": ?5\b/, 'write-through value written');
 sleep(6);
 is(redis_cmd($redis, 'GET', 'wt:1'), $wt,
 	'the write-through value is still there after the delay');
+
+# two writes in one transaction (one batch): the last value is the one kept
+sql('BEGIN; UPDATE rows_wt SET v = 6 WHERE id = 1; UPDATE rows_wt SET v = 7 WHERE id = 1; COMMIT');
+ok(delivered(), 'two write-through UPDATEs delivered');
+my $wt7 = redis_cmd($redis, 'GET', 'wt:1');
+like($wt7, qr/"v": ?7\b/, 'the last write-through value written');
+sleep(6);
+is(redis_cmd($redis, 'GET', 'wt:1'), $wt7,
+	'the last value of a batch is kept after the delay');
+
+# a reader puts an older value over the written one: deleted a second time
+sql('UPDATE rows_wt SET v = 8 WHERE id = 1');
+ok(delivered(), 'write-through UPDATE delivered');
+redis_cmd($redis, 'SET', 'wt:1', $wt7);
+ok(wait_for(sub { !present('wt:1') }, 60),
+	'a stale value put over a write-through value is deleted a second time');
 
 # ---- a DELETE of a write-through row is repeated -----------------------------
 
