@@ -24,50 +24,17 @@
 'use strict';
 
 const crypto = require('crypto');
+const fs = require('fs');
+const path = require('path');
 
 const LEASE_PREFIX = '\u0000cachekit-lease:';
 
-// KEYS[1] the key, KEYS[2..] its tag sets; ARGV[1] token, ARGV[2] lease ms.
-// Returns the key's string if it has one, else takes the lease (and lists
-// the key in its tag sets, so that a tag flush revokes the lease too) and
-// returns the token.
-const LEASE_SCRIPT = `
-local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-for i = 2, #KEYS do redis.call('SADD', KEYS[i], KEYS[1]) end
-return ARGV[1]
-`;
-
-// KEYS[1] the key, KEYS[2..] its tag sets; ARGV[1] token, ARGV[2] value,
-// ARGV[3] ttl in seconds. Writes the value and lists the key in its tag sets
-// (each set's expiry kept at least twice the ttl, as cachekit does) only if
-// the key still holds the token. Returns 1 if it filled, 0 if not.
-const FILL_SCRIPT = `
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local ttl = tonumber(ARGV[3])
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
-for i = 2, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('TTL', KEYS[i]) < 2 * ttl then redis.call('EXPIRE', KEYS[i], 2 * ttl) end
-end
-return 1
-`;
-
-// KEYS[1] a tag set; ARGV[1] the key, ARGV[2] ttl in seconds (0: leave the
-// expiry alone). The cluster's second step: a tag set in another slot.
-const TAG_SCRIPT = `
-redis.call('SADD', KEYS[1], ARGV[1])
-local ttl = tonumber(ARGV[2])
-if ttl > 0 and redis.call('TTL', KEYS[1]) < 2 * ttl then redis.call('EXPIRE', KEYS[1], 2 * ttl) end
-return 1
-`;
-
-// KEYS[1] the key; ARGV[1] token. Gives a lease back (the loader failed).
-const RELEASE_SCRIPT = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-`;
+// the scripts, shared with clients/python (see the comments in each file)
+const script = (name) => fs.readFileSync(path.join(__dirname, '..', 'lua', `${name}.lua`), 'utf8');
+const LEASE_SCRIPT = script('lease');
+const FILL_SCRIPT = script('fill');
+const TAG_SCRIPT = script('tag');
+const RELEASE_SCRIPT = script('release');
 
 const SHA = new Map();
 

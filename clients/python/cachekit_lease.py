@@ -32,44 +32,15 @@ __all__ = ["fetch", "decode", "LEASE_PREFIX"]
 
 LEASE_PREFIX = "\x00cachekit-lease:"
 
-# KEYS[1] the key, KEYS[2..] its tag sets; ARGV[1] token, ARGV[2] lease ms.
-# Returns the key's string if it has one, else takes the lease (listing the
-# key in its tag sets, so that a tag flush revokes it too) and returns the token.
-_LEASE = """
-local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-for i = 2, #KEYS do redis.call('SADD', KEYS[i], KEYS[1]) end
-return ARGV[1]
-"""
 
-# KEYS[1] the key, KEYS[2..] its tag sets; ARGV[1] token, ARGV[2] value,
-# ARGV[3] ttl in seconds. Fills only if the key still holds the token.
-_FILL = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local ttl = tonumber(ARGV[3])
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
-for i = 2, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('TTL', KEYS[i]) < 2 * ttl then redis.call('EXPIRE', KEYS[i], 2 * ttl) end
-end
-return 1
-"""
+def _script(name):
+    """A script shared with clients/node (see the comments in each file)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lua", name + ".lua")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
-# KEYS[1] a tag set; ARGV[1] the key, ARGV[2] ttl (0: leave the expiry).
-_TAG = """
-redis.call('SADD', KEYS[1], ARGV[1])
-local ttl = tonumber(ARGV[2])
-if ttl > 0 and redis.call('TTL', KEYS[1]) < 2 * ttl then redis.call('EXPIRE', KEYS[1], 2 * ttl) end
-return 1
-"""
 
-# KEYS[1] the key; ARGV[1] token. Gives a lease back (the loader failed).
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"""
-
+_LEASE, _FILL, _TAG, _RELEASE = (_script(n) for n in ("lease", "fill", "tag", "release"))
 _SHA = {body: hashlib.sha1(body.encode()).hexdigest() for body in (_LEASE, _FILL, _TAG, _RELEASE)}
 
 
