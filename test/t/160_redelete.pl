@@ -123,6 +123,31 @@ ok(delivered(), 'write-through DELETE delivered');
 redis_cmd($redis, 'SET', 'wt:1', $wt);
 ok(wait_for(sub { !present('wt:1') }, 60), 'a write-through delete is repeated');
 
+# ---- the memory bound: the oldest pending second deletes go early -------------
+
+# with a delay of an hour, a stale value stays until more than 32 MB of keys
+# are pending; then the oldest second deletes are sent at once
+sql(q{ALTER SYSTEM SET cachekit.redelete_after = '1h'});
+sql('SELECT pg_reload_conf()');
+ok(wait_for(sub { sql('SHOW cachekit.redelete_after') eq '1h' }, 30), 'delay of an hour');
+sql('UPDATE items SET v = 1 WHERE id = 4');
+ok(delivered(), 'a delivery after the reload');
+sql('UPDATE items SET v = 2 WHERE id = 2');
+ok(delivered(), 'UPDATE delivered');
+redis_cmd($redis, 'SET', 'item:2', 'v=1');
+sleep(3);
+ok(present('item:2'), 'the stale value waits for its second delete');
+# 4000 keys of 10 kB: 40 MB of pending second deletes
+sql(q{SELECT cachekit_delete(VARIADIC array_agg(g || repeat('k', 10000))) FROM generate_series(1, 4000) g});
+ok(delivered(), '40 MB of key deletes delivered');
+ok(wait_for(sub { !present('item:2') }, 120),
+	'over the bound, the oldest second delete is sent early (not dropped)');
+sql('UPDATE items SET v = 2 WHERE id = 3');
+ok(delivered(), 'UPDATE delivered');
+redis_cmd($redis, 'SET', 'item:3', 'v=1');
+sleep(3);
+ok(present('item:3'), 'back under the bound, second deletes wait for their time again');
+
 # ---- turned off again: no more second deletes --------------------------------
 
 sql(q{ALTER SYSTEM SET cachekit.redelete_after = 0});
