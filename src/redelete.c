@@ -33,6 +33,13 @@
 /* the most memory pending second deletes may hold */
 #define CK_REDELETE_MAX_BYTES (32 * 1024 * 1024)
 
+/*
+ * A second delete waits up to this much longer than the delay, so that
+ * the batches of that span go out together: a key or tag they share is
+ * deleted or flushed once, not once per pass of the worker.
+ */
+#define CK_REDELETE_GATHER_MS 50
+
 /* one delivered batch's keys and tags, due again at "due" */
 typedef struct CkPending
 {
@@ -190,7 +197,9 @@ ck_redelete_next_ms(void)
 	if (pending_bytes > CK_REDELETE_MAX_BYTES)
 		return 0;
 	p = dlist_head_element(CkPending, node, &pending);
-	TimestampDifference(GetCurrentTimestamp(), p->due, &secs, &usecs);
+	TimestampDifference(GetCurrentTimestamp(),
+						TimestampTzPlusMilliseconds(p->due, CK_REDELETE_GATHER_MS),
+						&secs, &usecs);
 	return secs * 1000 + (usecs + 999) / 1000;
 }
 
@@ -265,32 +274,33 @@ bool
 ck_redelete_run_due(char **errmsg)
 {
 	TimestampTz now = GetCurrentTimestamp();
+	bool		over = pending_bytes > CK_REDELETE_MAX_BYTES;
 	CkEntry    *entries;
 	dlist_iter	it;
 	int			n = 0;
+	int			seen = 0;
 	int			max = 0;
 	CkDeliveryStats stats;
 	bool		ok;
 
+	if (dlist_is_empty(&pending) ||
+		(!over && TimestampTzPlusMilliseconds(dlist_head_element(CkPending, node, &pending)->due,
+											  CK_REDELETE_GATHER_MS) > now))
+		return true;
+	/* every due batch; over the bound, at least the oldest one, early */
 	dlist_foreach(it, &pending)
 	{
-		CkPending  *p = dlist_container(CkPending, node, it.cur);
-
-		if (p->due > now && pending_bytes <= CK_REDELETE_MAX_BYTES)
+		if (dlist_container(CkPending, node, it.cur)->due > now && !(over && max == 0))
 			break;
 		max++;
-		if (p->due > now)
-			break;				/* over the bound: one early batch at a time */
 	}
-	if (max == 0)
-		return true;
 
 	entries = palloc0(sizeof(CkEntry) * max);
 	dlist_foreach(it, &pending)
 	{
 		CkPending  *p = dlist_container(CkPending, node, it.cur);
 
-		if (n == max)
+		if (seen++ == max)
 			break;
 		if (p->nkeys + p->ntags == 0)
 			continue;
