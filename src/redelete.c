@@ -13,8 +13,8 @@
  * Pending second deletes live in the worker's memory only, as a FIFO of
  * delivered batches (their keys and tags copied), so a crash or restart of
  * the worker loses those not yet due. Their memory is bounded by
- * CK_REDELETE_MAX_BYTES: when a new batch would pass the bound, the oldest
- * pending batches are sent at once, earlier than due, to make room (an
+ * CK_REDELETE_MAX_BYTES: while they hold more, the oldest pending batches
+ * are sent at once, earlier than due, to make room (an
  * early second delete still removes what was filled before it; nothing is
  * dropped). Invalidation entries (key deletes and tag flushes) and
  * write-through deletes are repeated as they are. A key that write-through
