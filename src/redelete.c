@@ -72,7 +72,8 @@ typedef struct CkWriteItem
 
 static dlist_head pending = DLIST_STATIC_INIT(pending);
 static Size pending_bytes = 0;
-static MemoryContext redelete_cxt = NULL;
+static MemoryContext redelete_cxt = NULL;	/* the pending batches */
+static MemoryContext send_cxt = NULL;	/* one sending, reset after it */
 
 /* Copy n strings into the redelete context; adds their size to *bytes. */
 static void
@@ -281,6 +282,7 @@ ck_redelete_run_due(char **errmsg)
 	int			seen = 0;
 	int			max = 0;
 	CkDeliveryStats stats;
+	MemoryContext old;
 	bool		ok;
 
 	if (dlist_is_empty(&pending) ||
@@ -295,6 +297,11 @@ ck_redelete_run_due(char **errmsg)
 		max++;
 	}
 
+	/* what delivery allocates goes with the sending */
+	if (send_cxt == NULL)
+		send_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit redelete send",
+										 ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(send_cxt);
 	entries = palloc0(sizeof(CkEntry) * max);
 	dlist_foreach(it, &pending)
 	{
@@ -314,9 +321,15 @@ ck_redelete_run_due(char **errmsg)
 	}
 	ok = (n == 0 || ck_deliver(entries, n, &stats, errmsg)) &&
 		ck_redelete_writes(max, errmsg);
-	pfree(entries);
+	MemoryContextSwitchTo(old);
 	if (!ok)
+	{
+		/* the message outlives the sending */
+		*errmsg = pstrdup(*errmsg ? *errmsg : "Redis failed during second deletes");
+		MemoryContextReset(send_cxt);
 		return false;
+	}
+	MemoryContextReset(send_cxt);
 	for (int i = 0; i < max; i++)
 		ck_pending_free(dlist_head_element(CkPending, node, &pending));
 	/* over the bound still: the next loop runs at once */
