@@ -11,6 +11,10 @@
 // with its row: an entry whose version is older than the row's is stale.
 // During the load, one write in PROBE_EVERY is probed 10 ms, 100 ms and
 // 1 s after its COMMIT returned: is its key still holding an older version?
+// A probe that finds one asks the queue whether the write is delivered yet:
+// if an entry enqueued no later than the write's transaction still waits,
+// the write may not be delivered, and the probe counts as "undelivered"
+// (delivery lag, not a stale fill); otherwise it counts as stale.
 //
 // One JSON line per run goes to RESULTS_FILE (if set); the table goes to stdout.
 
@@ -75,21 +79,27 @@ async function setUp(admin, mode, kind) {
 }
 
 // one writer: UPDATE random rows; probe some writes' keys later
-function writer(state, pg, redis) {
+function writer(state, pg, redis, admin) {
   return (async () => {
     while (!state.stop) {
       const id = pick();
-      const r = await pg.query('UPDATE items SET v = v + 1 WHERE id = $1 RETURNING v', [id]);
+      const r = await pg.query('UPDATE items SET v = v + 1 WHERE id = $1 RETURNING v, now()::text AS t', [id]);
       state.writes++;
       if (state.writes % cfg.probeEvery !== 0) continue;
       const v = Number(r.rows[0].v);
+      const t = r.rows[0].t;
       for (const [i, ms] of PROBES.entries()) {
         state.pending++;
         setTimeout(async () => {
           try {
             const cached = decode(await redis.get(key(id)));
             state.probes[i]++;
-            if (cached !== undefined && Number(cached.v) < v) state.staleProbes[i]++;
+            if (cached === undefined || Number(cached.v) >= v) return;
+            // asked after the GET: still waiting now means waiting at the GET
+            const q = await admin.query(
+              'SELECT coalesce(min(enqueued_at) <= $1::timestamptz, false) AS waiting FROM cachekit_queue', [t]);
+            if (q.rows[0].waiting) state.undelivered[i]++;
+            else state.staleProbes[i]++;
           } finally {
             state.pending--;
           }
@@ -160,12 +170,12 @@ async function oneRun(admin, mode, kind, delay, run) {
   await redis.flushdb();
   const state = {
     stop: false, writes: 0, reads: 0, loads: 0, pending: 0,
-    probes: PROBES.map(() => 0), staleProbes: PROBES.map(() => 0),
+    probes: PROBES.map(() => 0), staleProbes: PROBES.map(() => 0), undelivered: PROBES.map(() => 0),
   };
   const pgs = await Promise.all(Array.from({ length: cfg.writers + cfg.readers }, pgClient));
   const rs = Array.from({ length: cfg.writers + cfg.readers }, redisClient);
   const tasks = [];
-  for (let i = 0; i < cfg.writers; i++) tasks.push(writer(state, pgs[i], rs[i]));
+  for (let i = 0; i < cfg.writers; i++) tasks.push(writer(state, pgs[i], rs[i], admin));
   for (let i = cfg.writers; i < pgs.length; i++) tasks.push(reader(state, pgs[i], rs[i], kind, delay));
   const lag = lagMonitor(state, admin);
   await sleep(cfg.seconds * 1000);
@@ -183,7 +193,8 @@ async function oneRun(admin, mode, kind, delay, run) {
   return {
     mode, kind, delay, run, seconds: cfg.seconds, writes: state.writes, reads: state.reads, loads: state.loads,
     cached: q.cached, stale: q.stale, newer: q.newer,
-    probes: state.probes, stale_probes: state.staleProbes, max_lag_ms: Math.round(state.maxLagMs),
+    probes: state.probes, stale_probes: state.staleProbes, undelivered_probes: state.undelivered,
+    max_lag_ms: Math.round(state.maxLagMs),
   };
 }
 
@@ -195,7 +206,7 @@ function pad(s, n, right) {
 function table(results) {
   const lines = [];
   const head = ['mode', 'reader', 'delay', 'runs', 'writes', 'stale@quiescence', 'per 10k writes', 'stale probes 10ms', '100ms', '1s', 'max lag'];
-  const w = [13, 20, 6, 5, 8, 18, 15, 18, 9, 9, 8];
+  const w = [13, 20, 6, 5, 8, 18, 15, 18, 16, 16, 8];
   lines.push(head.map((h, i) => pad(h, w[i], i < 2)).join(' '));
   lines.push(w.map((n) => '-'.repeat(n)).join(' '));
   const groups = new Map();
@@ -209,7 +220,11 @@ function table(results) {
     const writes = rs.reduce((a, r) => a + r.writes, 0);
     const stale = rs.map((r) => r.stale);
     const total = stale.reduce((a, b) => a + b, 0);
-    const pr = (i) => `${rs.reduce((a, r) => a + r.stale_probes[i], 0)}/${rs.reduce((a, r) => a + r.probes[i], 0)}`;
+    const sum = (f) => rs.reduce((a, r) => a + f(r), 0);
+    const pr = (i) => {
+      const u = sum((r) => r.undelivered_probes[i]);
+      return `${sum((r) => r.stale_probes[i])}/${sum((r) => r.probes[i])}${u ? ` +${u}u` : ''}`;
+    };
     const kind = f.kind === 'redelete' ? `plain+redelete ${cfg.redeleteAfter}` : f.kind === 'lease' ? 'fetch (lease)' : 'plain SETEX';
     lines.push([f.mode, kind, `${f.delay}ms`, rs.length, writes, `${total} (${stale.join(',')})`,
       (total * 10000 / Math.max(writes, 1)).toFixed(2), pr(0), pr(1), pr(2),
@@ -232,7 +247,8 @@ async function main() {
           if (out) out.write(JSON.stringify(r) + '\n');
           process.stderr.write(`${new Date().toISOString().slice(11, 19)} ${mode} ${kind} delay=${delay}ms run ${run}: `
             + `${r.writes} writes, ${r.reads} reads, ${r.loads} loads, ${r.cached} cached, ${r.stale} stale, `
-            + `stale probes ${r.stale_probes.join('/')} of ${r.probes.join('/')}, max lag ${r.max_lag_ms} ms\n`);
+            + `stale probes ${r.stale_probes.join('/')} of ${r.probes.join('/')} `
+            + `(+${r.undelivered_probes.join('/')} undelivered), max lag ${r.max_lag_ms} ms\n`);
         }
       }
     }
@@ -244,6 +260,8 @@ async function main() {
   console.log(`cachekit consistency check: ${cfg.rows} rows, ${cfg.writers} writers, ${cfg.readers} readers, `
     + `${cfg.seconds}s per run, readers pause ${cfg.readerPause} ms between reads; probes every ${cfg.probeEvery}th write`);
   console.log(table(results));
+  console.log('stale probes: stale/probed at 10 ms, 100 ms, 1 s after the write; +Nu: N more found an older'
+    + ' version while the write was still undelivered (delivery lag, not a stale fill)');
 }
 
 main().catch((err) => { console.error(err); process.exit(1); });
