@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/consistency/run.sh -- the stale-cache checker: one command, as root.
 #
-#   bash bench/consistency/run.sh                    full matrix (about 40 minutes)
+#   bash bench/consistency/run.sh                    full matrix (about 35 minutes)
 #   RUNS=1 SECONDS_PER_RUN=3 bash bench/consistency/run.sh   smoke run
 #
 # Builds and installs cachekit (test/setup.sh), installs pg + ioredis from
