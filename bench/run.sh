@@ -38,6 +38,9 @@
 #   SUSTAIN_WARMUP    same load before it, not measured [60 / 3]
 #   SUSTAIN_TRIGGER   trigger of it: ck_row, write_through, none, ... [ck_row]
 #   BENCH_ONLY        subset of: tps bulk latency drain idle sustain [all]
+#   BENCH_TPS_ONLY    subset of the TPS scenarios: none ck_row ck_row_redelete
+#                     outbox notify memcache write_through [all]
+#   BENCH_REDELETE_AFTER  cachekit.redelete_after of ck_row_redelete [500ms]
 #   BENCH_SKIP_BUILD=1   use the installed cachekit, do not run test/setup.sh
 #   BENCH_NO_MEMCACHE=1  skip the pgmemcache alternative
 #   BENCH_NO_NODE=1      skip npm (no pg_notify alternative, no latency test)
@@ -525,7 +528,7 @@ set_trigger() {
     local body
     case $1 in
         none) body= ;;
-        ck_row) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate($CK_INVALIDATE_ARGS)" ;;
+        ck_row | ck_row_redelete) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate($CK_INVALIDATE_ARGS)" ;;
         ck_stmt) body="AFTER UPDATE ON users REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate($CK_INVALIDATE_ARGS)" ;;
         noop_stmt) body="AFTER UPDATE ON users REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_noop()" ;;
         write_through) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_write_through($CK_WRITE_THROUGH_ARGS)" ;;
@@ -600,16 +603,33 @@ wait_count() {    # file target timeout_s
 }
 
 # ---- 1 + 7: pgbench TPS, interleaved -------------------------------------------------
-TPS_SCENARIOS=(none ck_row outbox)
+TPS_SCENARIOS=(none ck_row ck_row_redelete outbox)
 ((NODE_OK)) && TPS_SCENARIOS+=(notify)
 ((MC_OK)) && TPS_SCENARIOS+=(memcache)
 TPS_SCENARIOS+=(write_through)
+if [[ -n ${BENCH_TPS_ONLY:-} ]]; then
+    only=()
+    for s in "${TPS_SCENARIOS[@]}"; do [[ " $BENCH_TPS_ONLY " != *" $s "* ]] || only+=("$s"); done
+    TPS_SCENARIOS=("${only[@]}")
+fi
+
+# ck_row_redelete: the row trigger with cachekit.redelete_after (a second
+# delete of every key and tag); every other scenario runs with it off
+set_redelete() {    # scenario
+    if [[ $1 == ck_row_redelete ]]; then
+        q "ALTER SYSTEM SET cachekit.redelete_after = '${BENCH_REDELETE_AFTER:-500ms}'" >/dev/null
+    else
+        q "ALTER SYSTEM RESET cachekit.redelete_after" >/dev/null
+    fi
+    q "SELECT pg_reload_conf()" >/dev/null
+}
 
 tps_run() {    # scenario round
     local s=$1 r=$2 log=$WORK/logs/tps.$1.$2.log helper='' cf='' tps txns backlog catchup failed0 failed1 mc0 mc1
     local wpid apid a0 r0 t0 t1
     prepare_run
     set_trigger "$s"
+    set_redelete "$s"
     case $s in
         outbox)
             cf=$WORK/outbox.$r.count
@@ -657,7 +677,7 @@ tps_run() {    # scenario round
     # what was left to deliver when pgbench ended, and how long it took
     backlog=0 catchup=0
     case $s in
-        ck_row | write_through)
+        ck_row | ck_row_redelete | write_through)
             backlog=$(q "SELECT count(*) FROM cachekit_queue")
             catchup=$(ck_wait_ms)
             ;;
@@ -979,13 +999,13 @@ report() {
             r=$(ratio "$v" "$base")
             note="rounds $(res_list "tps.$s")"
             case $s in
-                ck_row | write_through) note="$note; CPU % of a core: worker $(fmt 0 "$(res_median "cpu_async.$s")"), redis $(fmt 0 "$(res_median "cpu_redis.$s")")" ;;
+                ck_row | ck_row_redelete | write_through) note="$note; CPU % of a core: worker $(fmt 0 "$(res_median "cpu_async.$s")"), redis $(fmt 0 "$(res_median "cpu_redis.$s")")" ;;
                 outbox) note="$note; CPU % of a core: drainer $(fmt 0 "$(res_median "cpu_async.$s")"), redis $(fmt 0 "$(res_median "cpu_redis.$s")")" ;;
                 notify) note="$note; CPU % of a core: listener $(fmt 0 "$(res_median "cpu_async.$s")"), redis $(fmt 0 "$(res_median "cpu_redis.$s")")" ;;
                 memcache) note="$note; CPU % of a core: memcached $(fmt 0 "$(res_median "cpu_async.$s")")" ;;
             esac
             case $s in
-                ck_row | write_through | outbox | notify)
+                ck_row | ck_row_redelete | write_through | outbox | notify)
                     note="$note; backlog at end $(res_list "backlog.$s"), delivered $(res_list "catchup.$s") ms later"
                     # more than a second of work left over: the figure
                     # counts work that was not done yet
@@ -1003,6 +1023,13 @@ report() {
             fi
         }
         tps_row ck_row "cachekit row trigger (TPS)" ">=" 0.80
+        tps_row ck_row_redelete "  + redelete_after ${BENCH_REDELETE_AFTER:-500ms} (TPS)"
+        # its cost: the median of per-round ratios to the row trigger of the same round
+        r=$(paste -d' ' <(res_all tps.ck_row_redelete) <(res_all tps.ck_row) |
+            awk 'NF == 2 && $2 > 0 { print $1 / $2 }' | sort -g |
+            awk '{ v[NR] = $1 } END { if (NR == 0) exit; m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.4f %.4f %.4f", m, v[1], v[NR] }')
+        row "  redelete_after vs row trigger, per round" "" "$(fmt 3 "${r%% *}")" ">=0.98" "$(verdict "${r%% *}" ">=" 0.98)" \
+            "median of per-round ratios; min-max $( [[ -n $r ]] && echo "$r" | awk '{ printf "%.3f-%.3f", $2, $3 }' || echo n/a)"
         tps_row outbox "  alt a: PL/pgSQL outbox + drainer (TPS)"
         if ((NODE_OK)); then tps_row notify "  alt b: pg_notify + Node listener (TPS)"
         else row "  alt b: pg_notify + Node listener (TPS)" n/a n/a "" "" "npm install failed or skipped"; fi

@@ -37,6 +37,7 @@ int			ck_max_attempts = 5;
 int			ck_dead_letter_after = 600;
 int			ck_batch_bytes = 16 * 1024 * 1024;
 int			ck_max_value_bytes = 512 * 1024;
+int			ck_redelete_after = 0;
 
 /* TLS and Sentinel (issue 10) */
 char	   *ck_redis_tls_ca_file = NULL;
@@ -193,6 +194,15 @@ _PG_init(void)
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
 	ck_define_connection_settings();
+
+	DefineCustomIntVariable("cachekit.redelete_after",
+							"Delay after which the worker deletes invalidated keys and flushes tags a second time.",
+							"0 turns the second delete off.",
+							&ck_redelete_after,
+							0, 0, 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("cachekit");
 

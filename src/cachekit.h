@@ -57,6 +57,7 @@ extern int	ck_max_attempts;
 extern int	ck_max_value_bytes;
 extern int	ck_dead_letter_after;
 extern int	ck_batch_bytes;
+extern int	ck_redelete_after;
 
 /*---- shared memory (cachekit.c) ----*/
 
@@ -243,6 +244,12 @@ typedef struct CkConn CkConn;	/* a Redis connection, see protocol.c */
 extern CkErrorClass ck_error_class(const char *msg);
 extern bool ck_deliver_prepare(CkConn *conn, char **errmsg);
 extern bool ck_deliver(CkConn *conn, CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg);
+
+/*---- delayed second deletes (redelete.c) ----*/
+
+extern void ck_redelete_remember(CkEntry *entries, int n);
+extern long ck_redelete_next_ms(void);
+extern bool ck_redelete_run_due(CkConn *conn, char **errmsg);
 
 /*---- the worker (worker.c) ----*/
 

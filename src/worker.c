@@ -926,6 +926,7 @@ ck_pass(MemoryContext batch_cxt)
 	/* a short batch with nothing left behind: the queue is drained up to it */
 	if (batch_settled && !full && !refused && !transient && ck_waiting_idle())
 		ck_publish_drained(plans_queue, pass_no);
+	ck_redelete_remember(entries, n);	/* cachekit.redelete_after */
 
 	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
 	pg_atomic_fetch_add_u64(&ck_shared->tags_flushed, stats.tags_flushed);
@@ -1052,7 +1053,17 @@ ck_pass_guarded(MemoryContext batch_cxt)
 
 	PG_TRY();
 	{
+		char	   *err = NULL;
+
 		result = ck_pass(batch_cxt);
+		/* second deletes that are due (redelete.c), on the pass's connection */
+		if (result != CK_PASS_FAILED && ck_conn_usable(redis) &&
+			!ck_redelete_run_due(redis, &err))
+		{
+			ck_report_failure(err, true);
+			ck_drop_connection();
+			result = CK_PASS_FAILED;
+		}
 	}
 	PG_CATCH();
 	{
@@ -1261,6 +1272,9 @@ cachekit_worker_main(Datum arg)
 			TimestampDifference(GetCurrentTimestamp(), ck_waiting_next_retry(), &secs, &usecs);
 			wait_ms = Min(wait_ms, secs * 1000 + usecs / 1000 + 1);
 		}
+		/* wake for the next second delete that is due (redelete.c) */
+		if (retry_at == 0 && ck_redelete_next_ms() >= 0)
+			wait_ms = Min(wait_ms, ck_redelete_next_ms() + 1);
 
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   wait_ms, PG_WAIT_EXTENSION);

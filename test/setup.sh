@@ -31,7 +31,8 @@ MARKER=.cachekit-build-dir
 PACKAGES=(postgresql-15 postgresql-server-dev-15 libhiredis-dev redis-server
           redis-tools libipc-run-perl make gcc
           postgresql-server-dev-all debhelper dpkg-dev fakeroot lintian libssl-dev openssl
-          prometheus-postgres-exporter)
+          prometheus-postgres-exporter
+          python3-redis python3-pytest)   # the lease client tests (clients/python)
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'setup.sh: %s\n' "$*" >&2; exit 1; }
@@ -92,8 +93,21 @@ say "copying $SRC_DIR to $BUILD_DIR"
 # Read as root, write as postgres, so every copied file belongs to postgres.
 tar -C "$SRC_DIR" --exclude=./.git --exclude=./build --exclude=./tmp_check \
     --exclude=./tmp_check_regress --exclude=./results --exclude='*.o' \
-    --exclude='*.so' --exclude='*.bc' -cf - . \
+    --exclude='*.so' --exclude='*.bc' --exclude=node_modules -cf - . \
     | (cd "$BUILD_DIR" && runuser -u postgres -- tar --no-same-owner -xf -)
+
+# The lease client tests (clients/node): Node.js 20 and npm come with the
+# machine image; ioredis comes from the npm registry, as pinned by
+# clients/node/package-lock.json, into the build folder.
+command -v node >/dev/null && command -v npm >/dev/null \
+    || die "node and npm are not installed: the client tests need Node.js 20 with npm (https://nodejs.org, or Debian's nodejs + npm)"
+node_major=$(node --version | sed -n 's/^v\([0-9]*\)\..*/\1/p')
+[[ ${node_major:-0} -ge 18 ]] || die "node $(node --version) is too old: the client tests need Node.js 20"
+say "installing clients/node's modules (npm ci)"
+(cd "$BUILD_DIR/clients/node" &&
+    runuser -u postgres -- env HOME="$BUILD_DIR" npm_config_cache="$BUILD_DIR/.npm" \
+        npm ci --no-audit --no-fund --loglevel=error >&2) \
+    || die "npm ci failed in $BUILD_DIR/clients/node (is the npm registry reachable?)"
 
 # ---------------------------------------------------------------------------
 # 3. build as postgres, install as root

@@ -104,6 +104,8 @@ Options:
   conf     => FILE      a config file redis-server reads before the arguments
   sentinel => 1         run as a Sentinel (with conf, which it rewrites)
   timeout  => SECONDS   how long to wait for it to answer
+  conf     => PATH      a configuration file, given first (e.g. a Sentinel's,
+                        with args => [ '--sentinel' ])
 
 Snapshots and the append-only file are off. Dies if the server does not come
 up (the tail of its log is in the message).
