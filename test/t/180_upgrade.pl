@@ -21,6 +21,7 @@ use CachekitCatalog;
 my $redis = start_redis(args => [ '--appendonly', 'yes' ]);
 my $node  = new_cachekit_node('upgrade', $redis,
 	'cachekit.max_attempts'    => '2',
+	'cachekit.dead_letter_after' => '0',
 	'cachekit.retry_max_delay' => '200ms');
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }

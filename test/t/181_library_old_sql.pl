@@ -16,6 +16,7 @@ use CachekitTest;
 my $redis = start_redis();
 my $node  = new_cachekit_node('oldsql', $redis,
 	'cachekit.max_attempts'    => '2',
+	'cachekit.dead_letter_after' => '0',
 	'cachekit.retry_max_delay' => '200ms');
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
