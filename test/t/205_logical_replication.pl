@@ -28,6 +28,7 @@ my $rsub = start_redis();
 my $pub  = new_cachekit_node('pub', $rpub,
 	-init                      => { allows_streaming => 'logical' },
 	'cachekit.max_attempts'    => 1,
+	'cachekit.dead_letter_after' => 0,
 	'cachekit.retry_max_delay' => '100ms');
 my $sub  = new_cachekit_node('sub', $rsub, 'cachekit.retry_max_delay' => '100ms');
 my $bare = PostgreSQL::Test::Cluster->new('bare');
