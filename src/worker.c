@@ -817,6 +817,21 @@ ck_update_waiting(CkEntry *entries, int n)
 	pfree(refused);
 }
 
+/* Add a delivered batch to the worker's counters and wake cachekit_wait. */
+static void
+ck_publish_stats(const CkDeliveryStats *stats)
+{
+	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats->keys_deleted);
+	pg_atomic_fetch_add_u64(&ck_shared->tags_flushed, stats->tags_flushed);
+	pg_atomic_fetch_add_u64(&ck_shared->tag_keys_deleted, stats->tag_keys_deleted);
+	pg_atomic_fetch_add_u64(&ck_shared->keys_written, stats->keys_written);
+	pg_atomic_fetch_add_u64(&ck_shared->values_too_large, stats->values_too_large);
+	SpinLockAcquire(&ck_shared->mutex);
+	ck_shared->last_delivery_at = GetCurrentTimestamp();
+	SpinLockRelease(&ck_shared->mutex);
+	ConditionVariableBroadcast(&ck_shared->delivered_cv);
+}
+
 /* One pass: read a batch, deliver it, settle it. */
 static CkPass
 ck_pass(MemoryContext batch_cxt)
@@ -928,15 +943,7 @@ ck_pass(MemoryContext batch_cxt)
 		ck_publish_drained(plans_queue, pass_no);
 	ck_redelete_remember(entries, n);	/* cachekit.redelete_after */
 
-	pg_atomic_fetch_add_u64(&ck_shared->keys_deleted, stats.keys_deleted);
-	pg_atomic_fetch_add_u64(&ck_shared->tags_flushed, stats.tags_flushed);
-	pg_atomic_fetch_add_u64(&ck_shared->tag_keys_deleted, stats.tag_keys_deleted);
-	pg_atomic_fetch_add_u64(&ck_shared->keys_written, stats.keys_written);
-	pg_atomic_fetch_add_u64(&ck_shared->values_too_large, stats.values_too_large);
-	SpinLockAcquire(&ck_shared->mutex);
-	ck_shared->last_delivery_at = GetCurrentTimestamp();
-	SpinLockRelease(&ck_shared->mutex);
-	ConditionVariableBroadcast(&ck_shared->delivered_cv);
+	ck_publish_stats(&stats);
 
 	if (transient)
 	{
