@@ -32,12 +32,12 @@ BEGIN
 		RAISE WARNING 'cachekit is not loaded through shared_preload_libraries'
 			USING DETAIL = 'Work queued by cachekit''s triggers and functions is delivered by its background worker, which runs only when the library is preloaded.',
 				  HINT = 'Add cachekit to shared_preload_libraries and restart the server.';
-	ELSIF pg_catalog.current_setting('cachekit.database') OPERATOR(pg_catalog.<>) pg_catalog.current_database()::pg_catalog.text THEN
-		RAISE WARNING 'cachekit''s worker serves database "%", not "%"',
+	ELSIF pg_catalog.current_setting('cachekit.database') OPERATOR(pg_catalog.<>) \'\'
+		  AND pg_catalog.current_setting('cachekit.database') OPERATOR(pg_catalog.<>) pg_catalog.current_database()::pg_catalog.text THEN
+		RAISE WARNING 'cachekit''s worker serves database "%" only, not "%"',
 			pg_catalog.current_setting('cachekit.database'), pg_catalog.current_database()
-			USING DETAIL = 'Work queued in this database stays in its queue until the worker serves it.',
-				  HINT = pg_catalog.format('Set cachekit.database = %L and restart the server, or create the extension in database %I.',
-										   pg_catalog.current_database(), pg_catalog.current_setting('cachekit.database'));
+			USING DETAIL = 'Work queued in this database stays in its queue until a worker serves it.',
+				  HINT = 'Set cachekit.database = \'\'\'\' (every database with the extension is served) and restart the server.';
 	END IF;
 END
 $$;

@@ -107,3 +107,27 @@ ALTER TABLE @extschema@.cachekit_dead_letter ENABLE REPLICA TRIGGER cachekit_rep
 -- NULL until the first refusal; the writers' direct insert leaves it NULL.
 ALTER TABLE @extschema@.cachekit_queue ADD COLUMN first_refused_at timestamptz;
 ALTER TABLE @extschema@.cachekit_dead_letter ADD COLUMN first_refused_at timestamptz;
+
+-- ---- every database (issue 13): the databases the launcher knows of ----
+-- One row per database of the server: whether a worker serves it, and why
+-- not (no extension, a template, no connections, cachekit.max_databases
+-- reached, cachekit.database names another one). Server-wide: the same
+-- rows in every database that has the extension. For superusers and
+-- monitoring roles, like cachekit_stats.
+CREATE FUNCTION @extschema@.cachekit_databases_state(
+	OUT datid pg_catalog.oid,
+	OUT datname pg_catalog.text,
+	OUT served pg_catalog.bool,
+	OUT worker_pid pg_catalog.int4,
+	OUT status pg_catalog.text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cachekit_databases'
+LANGUAGE C STRICT VOLATILE;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_databases_state() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.cachekit_databases_state() TO pg_monitor;
+
+CREATE VIEW @extschema@.cachekit_databases AS
+SELECT datid, datname, served, worker_pid, status
+FROM @extschema@.cachekit_databases_state();
+REVOKE ALL ON @extschema@.cachekit_databases FROM PUBLIC;
+GRANT SELECT ON @extschema@.cachekit_databases TO pg_monitor;

@@ -176,12 +176,12 @@ BEGIN
 		RAISE WARNING 'cachekit is not loaded through shared_preload_libraries'
 			USING DETAIL = 'Work queued by cachekit''s triggers and functions is delivered by its background worker, which runs only when the library is preloaded.',
 				  HINT = 'Add cachekit to shared_preload_libraries and restart the server.';
-	ELSIF pg_catalog.current_setting('cachekit.database') OPERATOR(pg_catalog.<>) pg_catalog.current_database()::pg_catalog.text THEN
-		RAISE WARNING 'cachekit''s worker serves database "%", not "%"',
+	ELSIF pg_catalog.current_setting('cachekit.database') OPERATOR(pg_catalog.<>) ''
+		  AND pg_catalog.current_setting('cachekit.database') OPERATOR(pg_catalog.<>) pg_catalog.current_database()::pg_catalog.text THEN
+		RAISE WARNING 'cachekit''s worker serves database "%" only, not "%"',
 			pg_catalog.current_setting('cachekit.database'), pg_catalog.current_database()
-			USING DETAIL = 'Work queued in this database stays in its queue until the worker serves it.',
-				  HINT = pg_catalog.format('Set cachekit.database = %L and restart the server, or create the extension in database %I.',
-										   pg_catalog.current_database(), pg_catalog.current_setting('cachekit.database'));
+			USING DETAIL = 'Work queued in this database stays in its queue until a worker serves it.',
+				  HINT = 'Set cachekit.database = '''' (every database with the extension is served) and restart the server.';
 	END IF;
 END
 $$;
@@ -288,3 +288,27 @@ ALTER TABLE @extschema@.cachekit_dead_letter ENABLE REPLICA TRIGGER cachekit_rep
 -- NULL until the first refusal; the writers' direct insert leaves it NULL.
 ALTER TABLE @extschema@.cachekit_queue ADD COLUMN first_refused_at timestamptz;
 ALTER TABLE @extschema@.cachekit_dead_letter ADD COLUMN first_refused_at timestamptz;
+
+-- ---- every database (issue 13): the databases the launcher knows of ----
+-- One row per database of the server: whether a worker serves it, and why
+-- not (no extension, a template, no connections, cachekit.max_databases
+-- reached, cachekit.database names another one). Server-wide: the same
+-- rows in every database that has the extension. For superusers and
+-- monitoring roles, like cachekit_stats.
+CREATE FUNCTION @extschema@.cachekit_databases_state(
+	OUT datid pg_catalog.oid,
+	OUT datname pg_catalog.text,
+	OUT served pg_catalog.bool,
+	OUT worker_pid pg_catalog.int4,
+	OUT status pg_catalog.text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cachekit_databases'
+LANGUAGE C STRICT VOLATILE;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_databases_state() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.cachekit_databases_state() TO pg_monitor;
+
+CREATE VIEW @extschema@.cachekit_databases AS
+SELECT datid, datname, served, worker_pid, status
+FROM @extschema@.cachekit_databases_state();
+REVOKE ALL ON @extschema@.cachekit_databases FROM PUBLIC;
+GRANT SELECT ON @extschema@.cachekit_databases TO pg_monitor;

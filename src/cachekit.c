@@ -28,6 +28,7 @@ PG_MODULE_MAGIC;
 
 char	   *ck_redis_url = NULL;
 char	   *ck_database = NULL;
+int			ck_max_databases = 16;
 char	   *ck_tag_prefix = NULL;
 int			ck_batch_size = 1000;
 int			ck_retry_max_delay = 2000;
@@ -57,6 +58,9 @@ static const struct config_enum_entry ck_tls_verify_options[] = {
 /*---- shared state ----*/
 
 CachekitShared *ck_shared = NULL;
+CachekitShared *ck_slots = NULL;
+CkLauncherShared *ck_launcher = NULL;
+LWLock	   *CkLauncherLock = NULL;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -100,18 +104,28 @@ _PG_init(void)
 							   "Only superusers can see it, as it may hold a password.",
 							   &ck_redis_url,
 							   "redis://127.0.0.1:6379/0",
-							   PGC_SIGHUP,
+							   /* SUSET: ALTER DATABASE ... SET by superusers (databases.c) */
+							   PGC_SUSET,
 							   GUC_SUPERUSER_ONLY,
 							   check_redis_url, NULL, NULL);
 
 	DefineCustomStringVariable("cachekit.database",
-							   "Database whose queue the worker serves.",
+							   "The only database served, when set; empty: every database with the extension.",
 							   NULL,
 							   &ck_database,
-							   "postgres",
+							   "",
 							   PGC_POSTMASTER,
 							   0,
 							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cachekit.max_databases",
+							"Most databases served at once, each by its own worker.",
+							"Each takes one of max_worker_processes while served.",
+							&ck_max_databases,
+							16, 1, 1024,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
 
 	DefineCustomStringVariable("cachekit.tag_prefix",
 							   "Prefix of the Redis sets that list a tag's keys.",
@@ -216,6 +230,7 @@ _PG_init(void)
 	shmem_startup_hook = ck_shmem_startup;
 
 	ck_queue_init();
+	ck_databases_init();
 	ck_ddl_init();
 	ck_register_worker();
 }
@@ -262,13 +277,57 @@ ck_define_connection_settings(void)
 							 NULL, NULL, NULL);
 }
 
+/* Bytes of the slots: cachekit.max_databases, and one for probes. */
+static Size
+ck_slots_size(void)
+{
+	return mul_size(MAXALIGN(sizeof(CachekitShared)), ck_max_databases + 1);
+}
+
+/* Bytes of the launcher's shared part. */
+static Size
+ck_launcher_size(void)
+{
+	return add_size(offsetof(CkLauncherShared, databases),
+					mul_size(sizeof(CkDatabase), CK_MAX_KNOWN_DATABASES));
+}
+
 /* Ask for the shared state. */
 static void
 ck_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(CachekitShared)));
+	RequestAddinShmemSpace(add_size(ck_slots_size(), MAXALIGN(ck_launcher_size())));
+	RequestNamedLWLockTranche("cachekit", 1);
+}
+
+/* Empty a slot for database dboid (or none), keeping its pass count. */
+void
+ck_slot_reset(CachekitShared *slot, Oid dboid)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->dboid = dboid;
+	slot->worker_latch = NULL;
+	slot->worker_pid = 0;
+	slot->connected = false;
+	slot->last_error[0] = '\0';
+	slot->last_error_at = 0;
+	slot->last_delivery_at = 0;
+	slot->floor_database = InvalidOid;
+	slot->floor_queue = InvalidOid;
+	slot->delivered_floor = 0;
+	slot->drained_pass = 0;
+	SpinLockRelease(&slot->mutex);
+	pg_atomic_write_u64(&slot->keys_deleted, 0);
+	pg_atomic_write_u64(&slot->tags_flushed, 0);
+	pg_atomic_write_u64(&slot->tag_keys_deleted, 0);
+	pg_atomic_write_u64(&slot->keys_written, 0);
+	pg_atomic_write_u64(&slot->values_too_large, 0);
+	pg_atomic_write_u64(&slot->entries_delivered, 0);
+	pg_atomic_write_u64(&slot->failed_attempts, 0);
+	pg_atomic_write_u64(&slot->dead_lettered, 0);
+	pg_atomic_write_u32(&slot->wake_requested, 0);
 }
 
 /* Create or attach to the shared state. */
@@ -281,23 +340,32 @@ ck_shmem_startup(void)
 		prev_shmem_startup_hook();
 
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	ck_shared = ShmemInitStruct("cachekit", sizeof(CachekitShared), &found);
+	ck_slots = ShmemInitStruct("cachekit", ck_slots_size(), &found);
 	if (!found)
 	{
-		memset(ck_shared, 0, sizeof(CachekitShared));
-		SpinLockInit(&ck_shared->mutex);
-		ConditionVariableInit(&ck_shared->delivered_cv);
-		pg_atomic_init_u64(&ck_shared->keys_deleted, 0);
-		pg_atomic_init_u64(&ck_shared->tags_flushed, 0);
-		pg_atomic_init_u64(&ck_shared->tag_keys_deleted, 0);
-		pg_atomic_init_u64(&ck_shared->keys_written, 0);
-		pg_atomic_init_u64(&ck_shared->values_too_large, 0);
-		pg_atomic_init_u64(&ck_shared->entries_delivered, 0);
-		pg_atomic_init_u64(&ck_shared->failed_attempts, 0);
-		pg_atomic_init_u64(&ck_shared->dead_lettered, 0);
-		pg_atomic_init_u32(&ck_shared->wake_requested, 0);
-		pg_atomic_init_u64(&ck_shared->passes, 0);
+		memset(ck_slots, 0, ck_slots_size());
+		for (int i = 0; i <= ck_max_databases; i++)
+		{
+			CachekitShared *slot = &ck_slots[i];
+
+			SpinLockInit(&slot->mutex);
+			ConditionVariableInit(&slot->delivered_cv);
+			pg_atomic_init_u64(&slot->keys_deleted, 0);
+			pg_atomic_init_u64(&slot->tags_flushed, 0);
+			pg_atomic_init_u64(&slot->tag_keys_deleted, 0);
+			pg_atomic_init_u64(&slot->keys_written, 0);
+			pg_atomic_init_u64(&slot->values_too_large, 0);
+			pg_atomic_init_u64(&slot->entries_delivered, 0);
+			pg_atomic_init_u64(&slot->failed_attempts, 0);
+			pg_atomic_init_u64(&slot->dead_lettered, 0);
+			pg_atomic_init_u32(&slot->wake_requested, 0);
+			pg_atomic_init_u64(&slot->passes, 0);
+		}
 	}
+	ck_launcher = ShmemInitStruct("cachekit launcher", ck_launcher_size(), &found);
+	if (!found)
+		memset(ck_launcher, 0, ck_launcher_size());
+	CkLauncherLock = &(GetNamedLWLockTranche("cachekit"))->lock;
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -488,17 +556,52 @@ ck_emit_log(ErrorData *edata)
 		prev_emit_log_hook(edata);
 }
 
-/* Wake the worker, if one is running. */
+/*
+ * The slot of the worker serving the current database, or NULL if none.
+ * The index found last is tried first: a slot changes hands only when its
+ * database stops being served.
+ */
+CachekitShared *
+ck_my_slot(void)
+{
+	static int	last = -1;
+
+	if (ck_slots == NULL || !OidIsValid(MyDatabaseId))
+		return NULL;
+	if (ck_shared != NULL)
+		return ck_shared;
+	for (int n = 0; n <= ck_max_databases; n++)
+	{
+		int			i = (last < 0 ? n : (last + n) % ck_max_databases);
+		CachekitShared *slot = &ck_slots[i];
+		bool		mine;
+
+		if (i == ck_max_databases)
+			continue;			/* the probes' slot */
+		SpinLockAcquire(&slot->mutex);
+		mine = slot->dboid == MyDatabaseId;
+		SpinLockRelease(&slot->mutex);
+		if (mine)
+		{
+			last = i;
+			return slot;
+		}
+	}
+	return NULL;
+}
+
+/* Wake the worker of the current database, if one is running. */
 void
 ck_wake_worker(void)
 {
+	CachekitShared *slot = ck_my_slot();
 	Latch	   *latch;
 
-	if (ck_shared == NULL)
+	if (slot == NULL)
 		return;
-	SpinLockAcquire(&ck_shared->mutex);
-	latch = ck_shared->worker_latch;
-	SpinLockRelease(&ck_shared->mutex);
+	SpinLockAcquire(&slot->mutex);
+	latch = slot->worker_latch;
+	SpinLockRelease(&slot->mutex);
 	if (latch)
 		SetLatch(latch);
 }
@@ -512,11 +615,13 @@ ck_wake_worker(void)
 void
 ck_wake_worker_once(void)
 {
-	if (ck_shared == NULL)
+	CachekitShared *slot = ck_my_slot();
+
+	if (slot == NULL)
 		return;
-	if (pg_atomic_read_u32(&ck_shared->wake_requested) != 0)
+	if (pg_atomic_read_u32(&slot->wake_requested) != 0)
 		return;
-	if (pg_atomic_exchange_u32(&ck_shared->wake_requested, 1) == 0)
+	if (pg_atomic_exchange_u32(&slot->wake_requested, 1) == 0)
 		ck_wake_worker();
 }
 
@@ -576,8 +681,10 @@ cachekit_worker_state(PG_FUNCTION_ARGS)
 	bool		connected;
 	int			pid;
 	int			i = 0;
+	CachekitShared *slot = ck_my_slot();
+	CachekitShared empty;
 
-	if (ck_shared == NULL)
+	if (ck_slots == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("cachekit is not loaded"),
@@ -586,23 +693,30 @@ cachekit_worker_state(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	SpinLockAcquire(&ck_shared->mutex);
-	strlcpy(last_error, ck_shared->last_error, CK_ERROR_LEN);
-	last_error_at = ck_shared->last_error_at;
-	last_delivery_at = ck_shared->last_delivery_at;
-	connected = ck_shared->connected;
-	pid = ck_shared->worker_pid;
-	SpinLockRelease(&ck_shared->mutex);
+	/* no worker serves this database: zeros */
+	if (slot == NULL)
+	{
+		memset(&empty, 0, sizeof(empty));
+		SpinLockInit(&empty.mutex);
+		slot = &empty;
+	}
+	SpinLockAcquire(&slot->mutex);
+	strlcpy(last_error, slot->last_error, CK_ERROR_LEN);
+	last_error_at = slot->last_error_at;
+	last_delivery_at = slot->last_delivery_at;
+	connected = slot->connected;
+	pid = slot->worker_pid;
+	SpinLockRelease(&slot->mutex);
 
 	memset(nulls, 0, sizeof(nulls));
-	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->keys_deleted));
-	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->tags_flushed));
-	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->tag_keys_deleted));
-	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->keys_written));
-	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->values_too_large));
-	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->entries_delivered));
-	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->failed_attempts));
-	values[i++] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->dead_lettered));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&slot->keys_deleted));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&slot->tags_flushed));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&slot->tag_keys_deleted));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&slot->keys_written));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&slot->values_too_large));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&slot->entries_delivered));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&slot->failed_attempts));
+	values[i++] = Int64GetDatum(pg_atomic_read_u64(&slot->dead_lettered));
 	if (last_error[0] != '\0')
 		values[i] = CStringGetTextDatum(last_error);
 	else

@@ -48,6 +48,7 @@
 
 extern char *ck_redis_url;
 extern char *ck_database;
+extern int	ck_max_databases;
 extern char *ck_tag_prefix;
 extern int	ck_batch_size;
 extern int	ck_retry_max_delay;
@@ -63,9 +64,19 @@ extern int	ck_redelete_after;
 
 #define CK_ERROR_LEN 256
 
+/*
+ * The state of one delivery worker, one slot per served database
+ * (cachekit.max_databases of them, and one more for the short-lived probe
+ * workers, see launcher.c). In a worker, ck_shared is its own slot; in a
+ * backend, ck_my_slot() finds the slot of its database (NULL when no worker
+ * serves it).
+ */
 typedef struct CachekitShared
 {
 	slock_t		mutex;			/* protects the non-atomic fields below */
+	Oid			dboid;			/* the database this slot serves, or
+								 * InvalidOid when free (set by the launcher
+								 * under CkLauncherLock) */
 	Latch	   *worker_latch;	/* set to wake the worker, NULL if none */
 	int			worker_pid;
 	bool		connected;		/* worker has a live Redis connection */
@@ -93,13 +104,69 @@ typedef struct CachekitShared
 	pg_atomic_uint64 dead_lettered;
 } CachekitShared;
 
-extern CachekitShared *ck_shared;
+extern CachekitShared *ck_shared;	/* in a worker: its own slot */
+extern CachekitShared *ck_slots;	/* all slots; NULL when not preloaded */
 
+extern CachekitShared *ck_my_slot(void);
+extern void ck_slot_reset(CachekitShared *slot, Oid dboid);
 extern void ck_wake_worker(void);
 extern void ck_wake_worker_once(void);
 extern void ck_set_last_error(const char *msg);
 extern void ck_publish_floor(Oid queue, int64 floor);
 extern void ck_publish_drained(Oid queue, uint64 pass);
+
+/*---- the databases cachekit knows of (databases.c) ----*/
+
+/* what the launcher knows of one database */
+typedef enum CkDbState
+{
+	CK_DB_UNKNOWN,				/* not looked into yet: a probe will */
+	CK_DB_NO_EXTENSION,			/* connectable, without the extension */
+	CK_DB_EXTENSION,			/* has the extension: to be served */
+	CK_DB_TEMPLATE,				/* a template database: skipped */
+	CK_DB_NO_CONNECTIONS,		/* datallowconn = false: skipped */
+	CK_DB_NOT_SELECTED			/* cachekit.database names another one */
+} CkDbState;
+
+typedef struct CkDatabase
+{
+	Oid			dboid;			/* InvalidOid: an unused entry */
+	NameData	name;
+	CkDbState	state;
+	int			slot;			/* its slot in ck_slots, or -1 */
+	int			worker_pid;		/* its worker or probe, 0 if none */
+	bool		probing;		/* that process is a probe */
+	bool		over_cap;		/* has the extension, no slot was free */
+	bool		seen;			/* in pg_database at the last scan */
+	bool		restart_now;	/* its worker stopped to restart at once */
+	TimestampTz paused_until;	/* DROP/RENAME/COPY of it is running: no
+								 * worker until then */
+	TimestampTz restart_at;		/* no worker before then */
+} CkDatabase;
+
+/* the launcher's shared part (guarded by CkLauncherLock) */
+typedef struct CkLauncherShared
+{
+	Latch	   *launcher_latch;
+	int			launcher_pid;
+	bool		scan_requested; /* a database was created: look now */
+	int			ndatabases;		/* entries in use or once used */
+	CkDatabase	databases[FLEXIBLE_ARRAY_MEMBER];
+} CkLauncherShared;
+
+/* entries of CkLauncherShared: databases cachekit can tell apart */
+#define CK_MAX_KNOWN_DATABASES 4096
+
+extern CkLauncherShared *ck_launcher;
+extern struct LWLock *CkLauncherLock;
+
+extern bool ck_serve_all(void);
+extern CkDatabase *ck_database_entry(Oid dboid, bool create);
+extern void ck_wake_launcher(void);
+extern void ck_report_extension(bool present, const char *datname);
+extern void ck_request_restart(void);
+extern void ck_databases_init(void);
+extern char *ck_database_url_setting(void);
 
 /*---- templates (template.c) ----*/
 
@@ -259,6 +326,13 @@ extern bool ck_redelete_run_due(CkConn *conn, char **errmsg);
 PGDLLEXPORT void cachekit_worker_main(Datum arg);
 
 /*---- the launcher (launcher.c) ----*/
+
+/* what the launcher tells a worker it starts (bgw_extra) */
+typedef struct CkWorkerArgs
+{
+	int			slot;			/* index in ck_slots */
+	bool		probe;			/* only say whether the extension is there */
+} CkWorkerArgs;
 
 extern void ck_register_worker(void);
 PGDLLEXPORT void cachekit_launcher_main(Datum arg);

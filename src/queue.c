@@ -116,7 +116,7 @@ ck_note_enqueued(void)
 static void
 ck_require_preload(void)
 {
-	if (ck_shared == NULL)
+	if (ck_slots == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("cachekit is not loaded through shared_preload_libraries"),
@@ -421,7 +421,7 @@ cachekit_flush_tag(PG_FUNCTION_ARGS)
  * delivered), so a long-delivered past costs nothing.
  */
 static bool
-ck_work_pending(Oid relid, Snapshot start)
+ck_work_pending(CachekitShared *slot, Oid relid, Snapshot start)
 {
 	Relation	rel;
 	Oid			index;
@@ -437,10 +437,13 @@ ck_work_pending(Oid relid, Snapshot start)
 		return false;			/* the extension was dropped meanwhile */
 	index = RelationGetPrimaryKeyIndex(rel);
 
-	SpinLockAcquire(&ck_shared->mutex);
-	if (ck_shared->floor_database == MyDatabaseId && ck_shared->floor_queue == relid)
-		floor = ck_shared->delivered_floor;
-	SpinLockRelease(&ck_shared->mutex);
+	if (slot != NULL)
+	{
+		SpinLockAcquire(&slot->mutex);
+		if (slot->floor_database == MyDatabaseId && slot->floor_queue == relid)
+			floor = slot->delivered_floor;
+		SpinLockRelease(&slot->mutex);
+	}
 
 	ScanKeyInit(&key, 1, BTGreaterEqualStrategyNumber, F_INT8GE, Int64GetDatum(floor));
 	snap = RegisterSnapshot(GetLatestSnapshot());
@@ -469,14 +472,16 @@ ck_work_pending(Oid relid, Snapshot start)
  * snapshot was taken after the caller's, so the caller's work is delivered.
  */
 static bool
-ck_drained_since(Oid relid, uint64 pass)
+ck_drained_since(CachekitShared *slot, Oid relid, uint64 pass)
 {
 	bool		drained;
 
-	SpinLockAcquire(&ck_shared->mutex);
-	drained = ck_shared->floor_database == MyDatabaseId &&
-		ck_shared->floor_queue == relid && ck_shared->drained_pass > pass;
-	SpinLockRelease(&ck_shared->mutex);
+	if (slot == NULL)
+		return false;
+	SpinLockAcquire(&slot->mutex);
+	drained = slot->floor_database == MyDatabaseId &&
+		slot->floor_queue == relid && slot->drained_pass > pass;
+	SpinLockRelease(&slot->mutex);
 	return drained;
 }
 
@@ -507,6 +512,7 @@ cachekit_wait(PG_FUNCTION_ARGS)
 	Snapshot	start;
 	uint64		pass;
 	bool		done;
+	CachekitShared *slot;
 
 	timeout_us = ((int64) timeout->month * DAYS_PER_MONTH + timeout->day) * USECS_PER_DAY
 		+ timeout->time;
@@ -517,23 +523,27 @@ cachekit_wait(PG_FUNCTION_ARGS)
 	deadline = GetCurrentTimestamp() + timeout_us;
 
 	start = RegisterSnapshot(GetLatestSnapshot());
-	pass = pg_atomic_read_u64(&ck_shared->passes);
+	/* this database's worker; if none yet, any pass of one started later counts */
+	slot = ck_my_slot();
+	pass = slot ? pg_atomic_read_u64(&slot->passes) : 0;
 	ck_wake_worker();
-	done = !ck_work_pending(relid, start);
+	done = !ck_work_pending(slot, relid, start);
 	next_scan = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), scan_delay);
 	while (!done)
 	{
 		TimestampTz now = GetCurrentTimestamp();
 		long		sleep_ms;
 
-		if (ck_drained_since(relid, pass))
+		if (slot == NULL && (slot = ck_my_slot()) != NULL)
+			pass = 0;
+		if (ck_drained_since(slot, relid, pass))
 		{
 			done = true;
 			break;
 		}
 		if (now >= next_scan)
 		{
-			if (!ck_work_pending(relid, start))
+			if (!ck_work_pending(slot, relid, start))
 			{
 				done = true;
 				break;
@@ -545,8 +555,16 @@ cachekit_wait(PG_FUNCTION_ARGS)
 			break;
 		sleep_ms = (long) ((Min(deadline, next_scan) - now + 999) / 1000);
 		/* the worker broadcasts after every batch and every drained pass */
-		ConditionVariableTimedSleep(&ck_shared->delivered_cv, Max(sleep_ms, 1),
-									PG_WAIT_EXTENSION);
+		if (slot != NULL)
+			ConditionVariableTimedSleep(&slot->delivered_cv, Max(sleep_ms, 1),
+										PG_WAIT_EXTENSION);
+		else
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 Min(Max(sleep_ms, 1), 100), PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+		}
 	}
 	ConditionVariableCancelSleep();
 	UnregisterSnapshot(start);

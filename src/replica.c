@@ -128,7 +128,7 @@ cachekit_replica_guard(PG_FUNCTION_ARGS)
 				 errmsg("cachekit_replica_guard must be a BEFORE ROW trigger")));
 
 	/* only new queue rows are kept, and only where a worker delivers them */
-	if (!TRIGGER_FIRED_BY_INSERT(td->tg_event) || ck_shared == NULL ||
+	if (!TRIGGER_FIRED_BY_INSERT(td->tg_event) || ck_slots == NULL ||
 		strcmp(RelationGetRelationName(td->tg_relation), CK_QUEUE_TABLE) != 0)
 		return PointerGetDatum(NULL);
 

@@ -17,6 +17,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "commands/vacuum.h"
 #include "nodes/makefuncs.h"
@@ -85,6 +86,11 @@ static int64 deleted_since_shrink = 0;
 static TimestampTz last_vacuum = 0;
 
 static char *current_host = NULL;	/* for messages, without the password */
+
+static char *my_datname = NULL;	/* the database served, for messages */
+static char *my_url_setting = NULL; /* its cachekit.redis_url, or NULL */
+
+static void ck_extension_gone(void);
 
 /*
  * Where Redis is (made from cachekit.redis_url, remade after a reload) and
@@ -875,6 +881,8 @@ ck_pass(MemoryContext batch_cxt)
 	/* what is left of this pass is made in batch_cxt, reset after each pass */
 	MemoryContextSwitchTo(batch_cxt);
 
+	if (!OidIsValid(batch_ext))
+		ck_extension_gone();
 	if (n == 0)
 	{
 		/* nothing committed before this pass's snapshot waits */
@@ -1165,6 +1173,72 @@ ck_pin_settings(void)
 						PGC_SUSET, PGC_S_OVERRIDE);
 }
 
+/*
+ * Look into the database: its name, whether the extension is there, and
+ * its own cachekit.redis_url (ALTER DATABASE ... SET). A probe, or a worker
+ * of a database without the extension (every database served), tells the
+ * launcher and leaves.
+ */
+static void
+ck_worker_look(bool probe)
+{
+	bool		present;
+
+	StartTransactionCommand();
+	my_datname = MemoryContextStrdup(TopMemoryContext, get_database_name(MyDatabaseId));
+	present = OidIsValid(get_extension_oid("cachekit", true));
+	my_url_setting = ck_database_url_setting();
+	if (my_url_setting)
+		my_url_setting = MemoryContextStrdup(TopMemoryContext, my_url_setting);
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+
+	if (probe || (!present && ck_serve_all()))
+	{
+		ck_report_extension(present, my_datname);
+		proc_exit(0);
+	}
+}
+
+/*
+ * After a reload: has ALTER DATABASE ... SET cachekit.redis_url changed
+ * since the worker connected? Then it leaves and the launcher starts it
+ * again at once: a new connection applies the database's settings, the
+ * reload alone does not.
+ */
+static void
+ck_check_url_setting(void)
+{
+	char	   *now;
+	bool		same;
+
+	StartTransactionCommand();
+	now = ck_database_url_setting();
+	same = (now == NULL && my_url_setting == NULL) ||
+		(now != NULL && my_url_setting != NULL && strcmp(now, my_url_setting) == 0);
+	CommitTransactionCommand();
+	if (same)
+		return;
+	ereport(LOG,
+			(errmsg("cachekit worker for database \"%s\" restarts: the database's cachekit.redis_url changed",
+					my_datname)));
+	ck_request_restart();
+	proc_exit(0);
+}
+
+/* The extension is gone: with every database served, the worker leaves. */
+static void
+ck_extension_gone(void)
+{
+	if (!ck_serve_all())
+		return;
+	ereport(LOG,
+			(errmsg("cachekit worker for database \"%s\" stops: the extension is not installed",
+					my_datname)));
+	ck_report_extension(false, my_datname);
+	proc_exit(0);
+}
+
 /* Entry point of the background worker. */
 void
 cachekit_worker_main(Datum arg)
@@ -1172,15 +1246,19 @@ cachekit_worker_main(Datum arg)
 	MemoryContext batch_cxt;
 	int			backoff_ms = 0;
 	TimestampTz retry_at = 0;
+	CkWorkerArgs args;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
-	/* the launcher found cachekit.database under this OID */
+	/* the launcher gave us a slot of our own, bound to this database */
+	memcpy(&args, MyBgworkerEntry->bgw_extra, sizeof(args));
+	ck_shared = &ck_slots[args.slot];
 	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(arg), InvalidOid, 0);
 
 	ck_pin_settings();
+	ck_worker_look(args.probe);
 
 	SpinLockAcquire(&ck_shared->mutex);
 	ck_shared->worker_latch = MyLatch;
@@ -1190,7 +1268,7 @@ cachekit_worker_main(Datum arg)
 	before_shmem_exit(ck_worker_exit, (Datum) 0);
 
 	ereport(LOG,
-			(errmsg("cachekit worker started for database \"%s\"", ck_database)));
+			(errmsg("cachekit worker started for database \"%s\"", my_datname)));
 
 	/* a kept first block of 1MB spares the kernel a page fault storm per batch */
 	batch_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit batch",
@@ -1207,6 +1285,7 @@ cachekit_worker_main(Datum arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			ck_check_url_setting();
 			/*
 			 * settings may have changed the URL, the TLS files or the
 			 * timeouts: reconnect now, to the URL as it is now
