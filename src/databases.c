@@ -140,6 +140,18 @@ ck_report_extension(bool present, const char *datname)
 			e->state = present ? CK_DB_EXTENSION : CK_DB_NO_EXTENSION;
 		e->restart_at = 0;
 	}
+	/* is it a template, or closed? the launcher reads pg_database first */
+	ck_launcher->scan_requested = true;
+	LWLockRelease(CkLauncherLock);
+	ck_wake_launcher();
+}
+
+/* Ask the launcher to read pg_database now. */
+static void
+ck_request_scan(void)
+{
+	LWLockAcquire(CkLauncherLock, LW_EXCLUSIVE);
+	ck_launcher->scan_requested = true;
 	LWLockRelease(CkLauncherLock);
 	ck_wake_launcher();
 }
@@ -304,12 +316,10 @@ ck_databases_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 	if (OidIsValid(paused) && !dropping)
 		ck_resume_database(paused, created);
 	else if (OidIsValid(paused))
-	{
-		LWLockAcquire(CkLauncherLock, LW_EXCLUSIVE);
-		ck_launcher->scan_requested = true;
-		LWLockRelease(CkLauncherLock);
-		ck_wake_launcher();
-	}
+		ck_request_scan();
+	/* ALLOW_CONNECTIONS, IS_TEMPLATE: served or not from now on */
+	if (ck_launcher != NULL && IsA(stmt, AlterDatabaseStmt))
+		ck_request_scan();
 
 	if ((IsA(stmt, CreateExtensionStmt) &&
 		 strcmp(((CreateExtensionStmt *) stmt)->extname, "cachekit") == 0) ||
