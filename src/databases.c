@@ -53,6 +53,8 @@
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
 
+/* did this transaction create, drop, rename or alter a database? */
+static bool db_ddl_in_xact = false;
 /* did this transaction create or drop an extension? */
 static bool ext_ddl_in_xact = false;
 /* then, at pre-commit: is cachekit installed, and in which database */
@@ -204,9 +206,12 @@ ck_pause_database(Oid dboid)
 	}
 }
 
-/* The command on a paused database is over: its worker may start again. */
+/*
+ * The command on a paused database is over: its worker may start again,
+ * and the launcher reads pg_database (a new name, a new copy).
+ */
 static void
-ck_resume_database(Oid dboid, bool rescan)
+ck_resume_database(Oid dboid)
 {
 	CkDatabase *e;
 
@@ -217,8 +222,7 @@ ck_resume_database(Oid dboid, bool rescan)
 		e->paused_until = 0;
 		e->restart_at = 0;
 	}
-	if (rescan)
-		ck_launcher->scan_requested = true;
+	ck_launcher->scan_requested = true;
 	LWLockRelease(CkLauncherLock);
 	ck_wake_launcher();
 }
@@ -241,16 +245,14 @@ ck_db_option(List *options, const char *name)
 
 /*
  * The database a command needs alone (no other session connected), or
- * InvalidOid; *dropping when the command drops it, *created when it creates
- * a database (from that one).
+ * InvalidOid; *dropping when the command drops it.
  */
 static Oid
-ck_command_database(Node *stmt, bool *dropping, bool *created)
+ck_command_database(Node *stmt, bool *dropping)
 {
 	const char *name = NULL;
 
 	*dropping = false;
-	*created = false;
 	if (IsA(stmt, DropdbStmt))
 	{
 		name = ((DropdbStmt *) stmt)->dbname;
@@ -267,7 +269,6 @@ ck_command_database(Node *stmt, bool *dropping, bool *created)
 		name = ck_db_option(((CreatedbStmt *) stmt)->options, "template");
 		if (name == NULL)
 			name = "template1";
-		*created = true;
 	}
 	return name ? get_database_oid(name, true) : InvalidOid;
 }
@@ -283,15 +284,12 @@ ck_databases_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 {
 	Node	   *stmt = pstmt->utilityStmt;
 	bool		drop = false;
-	bool		create = false;
 	volatile Oid paused = InvalidOid;
 	volatile bool dropping;
-	volatile bool created;
 
 	if (ck_launcher != NULL)
-		paused = ck_command_database(stmt, &drop, &create);
+		paused = ck_command_database(stmt, &drop);
 	dropping = drop;
-	created = create;
 	if (OidIsValid(paused))
 		ck_pause_database(paused);
 
@@ -307,19 +305,20 @@ ck_databases_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 	PG_CATCH();
 	{
 		if (OidIsValid(paused))
-			ck_resume_database(paused, false);
+			ck_resume_database(paused);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
 
 	/* a dropped database stays paused until the launcher sees it gone */
 	if (OidIsValid(paused) && !dropping)
-		ck_resume_database(paused, created);
-	else if (OidIsValid(paused))
-		ck_request_scan();
-	/* ALLOW_CONNECTIONS, IS_TEMPLATE: served or not from now on */
-	if (ck_launcher != NULL && IsA(stmt, AlterDatabaseStmt))
-		ck_request_scan();
+		ck_resume_database(paused);
+	/*
+	 * and the launcher reads pg_database again once this commits: a new
+	 * copy, a new name, a database gone, ALLOW_CONNECTIONS, IS_TEMPLATE
+	 */
+	if (OidIsValid(paused) || IsA(stmt, AlterDatabaseStmt))
+		db_ddl_in_xact = true;
 
 	if ((IsA(stmt, CreateExtensionStmt) &&
 		 strcmp(((CreateExtensionStmt *) stmt)->extname, "cachekit") == 0) ||
@@ -349,11 +348,15 @@ ck_databases_xact(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 			if (ext_ddl_in_xact)
 				ck_report_extension(ext_present_at_commit, NameStr(ext_datname));
+			if (db_ddl_in_xact && ck_launcher != NULL)
+				ck_request_scan();
 			ext_ddl_in_xact = false;
+			db_ddl_in_xact = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
 			ext_ddl_in_xact = false;
+			db_ddl_in_xact = false;
 			break;
 		default:
 			break;
