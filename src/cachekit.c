@@ -376,6 +376,15 @@ check_redis_url(char **newval, void **extra, GucSource source)
 	CkRedisUrl	url;
 	char	   *err = NULL;
 
+	/* postgresql.conf, or one database for every role (databases.c) */
+	if (source == PGC_S_SESSION || source == PGC_S_CLIENT ||
+		source == PGC_S_USER || source == PGC_S_DATABASE_USER)
+	{
+		GUC_check_errcode(ERRCODE_CANT_CHANGE_RUNTIME_PARAM);
+		GUC_check_errmsg("cachekit.redis_url cannot be set per session or per role");
+		GUC_check_errhint("Set it in postgresql.conf, or for a database with ALTER DATABASE ... SET (superusers only).");
+		return false;
+	}
 	if (*newval == NULL || ck_parse_redis_url(*newval, &url, &err))
 		return true;
 	GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);

@@ -142,6 +142,7 @@ typedef struct CkDatabase
 	TimestampTz paused_until;	/* DROP/RENAME/COPY of it is running: no
 								 * worker until then */
 	TimestampTz restart_at;		/* no worker before then */
+	TimestampTz reported_at;	/* last committed CREATE/DROP EXTENSION */
 } CkDatabase;
 
 /* the launcher's shared part (guarded by CkLauncherLock) */
@@ -163,7 +164,8 @@ extern struct LWLock *CkLauncherLock;
 extern bool ck_serve_all(void);
 extern CkDatabase *ck_database_entry(Oid dboid, bool create);
 extern void ck_wake_launcher(void);
-extern void ck_report_extension(bool present, const char *datname);
+extern void ck_report_extension(bool present, const char *datname,
+								TimestampTz looked_at);
 extern void ck_request_restart(void);
 extern void ck_databases_init(void);
 extern char *ck_database_url_setting(void);

@@ -120,11 +120,14 @@ ck_wake_launcher(void)
 }
 
 /*
- * Tell the launcher whether the current database has the extension now
- * (a committed CREATE or DROP EXTENSION, or what a worker found).
+ * Tell the launcher whether the current database has the extension now:
+ * a committed CREATE or DROP EXTENSION (looked_at = 0), or what a worker
+ * or a probe found looking from looked_at on. A look that began before the
+ * last committed CREATE or DROP EXTENSION was reported may predate it: it
+ * is ignored.
  */
 void
-ck_report_extension(bool present, const char *datname)
+ck_report_extension(bool present, const char *datname, TimestampTz looked_at)
 {
 	CkDatabase *e;
 
@@ -132,6 +135,10 @@ ck_report_extension(bool present, const char *datname)
 		return;
 	LWLockAcquire(CkLauncherLock, LW_EXCLUSIVE);
 	e = ck_database_entry(MyDatabaseId, true);
+	if (e != NULL && looked_at != 0 && looked_at < e->reported_at)
+		e = NULL;
+	else if (e != NULL && looked_at == 0)
+		e->reported_at = GetCurrentTimestamp();
 	if (e != NULL)
 	{
 		if (NameStr(e->name)[0] == '\0' && datname != NULL)
@@ -347,7 +354,7 @@ ck_databases_xact(XactEvent event, void *arg)
 			break;
 		case XACT_EVENT_COMMIT:
 			if (ext_ddl_in_xact)
-				ck_report_extension(ext_present_at_commit, NameStr(ext_datname));
+				ck_report_extension(ext_present_at_commit, NameStr(ext_datname), 0);
 			if (db_ddl_in_xact && ck_launcher != NULL)
 				ck_request_scan();
 			ext_ddl_in_xact = false;

@@ -90,7 +90,7 @@ static char *current_host = NULL;	/* for messages, without the password */
 static char *my_datname = NULL;	/* the database served, for messages */
 static char *my_url_setting = NULL; /* its cachekit.redis_url, or NULL */
 
-static void ck_extension_gone(void);
+static void ck_extension_gone(TimestampTz looked_at);
 
 /*
  * Where Redis is (made from cachekit.redis_url, remade after a reload) and
@@ -858,8 +858,10 @@ ck_pass(MemoryContext batch_cxt)
 	MemoryContext old;
 	uint64		pass_no;
 	bool		batch_settled;
+	TimestampTz began;
 
 	/* commits from now on must wake us again: their work may miss this read */
+	began = GetCurrentTimestamp();
 	pg_atomic_write_u32(&ck_shared->wake_requested, 0);
 	/* and this pass's snapshot is taken after the count says it began */
 	pass_no = pg_atomic_add_fetch_u64(&ck_shared->passes, 1);
@@ -882,7 +884,7 @@ ck_pass(MemoryContext batch_cxt)
 	MemoryContextSwitchTo(batch_cxt);
 
 	if (!OidIsValid(batch_ext))
-		ck_extension_gone();
+		ck_extension_gone(began);
 	if (n == 0)
 	{
 		/* nothing committed before this pass's snapshot waits */
@@ -1183,6 +1185,7 @@ static void
 ck_worker_look(bool probe)
 {
 	bool		present;
+	TimestampTz looked_at = GetCurrentTimestamp();
 
 	StartTransactionCommand();
 	my_datname = MemoryContextStrdup(TopMemoryContext, get_database_name(MyDatabaseId));
@@ -1195,7 +1198,7 @@ ck_worker_look(bool probe)
 
 	if (probe || (!present && ck_serve_all()))
 	{
-		ck_report_extension(present, my_datname);
+		ck_report_extension(present, my_datname, looked_at);
 		proc_exit(0);
 	}
 }
@@ -1226,16 +1229,19 @@ ck_check_url_setting(void)
 	proc_exit(0);
 }
 
-/* The extension is gone: with every database served, the worker leaves. */
+/*
+ * The extension is gone (a pass that began at looked_at did not find it):
+ * with every database served, the worker leaves.
+ */
 static void
-ck_extension_gone(void)
+ck_extension_gone(TimestampTz looked_at)
 {
 	if (!ck_serve_all())
 		return;
 	ereport(LOG,
 			(errmsg("cachekit worker for database \"%s\" stops: the extension is not installed",
 					my_datname)));
-	ck_report_extension(false, my_datname);
+	ck_report_extension(false, my_datname, looked_at);
 	proc_exit(0);
 }
 
