@@ -41,7 +41,7 @@ ROLLBACK;
 -- nor is work that commits after the call started
 SELECT cachekit_wait();
 
--- the stats view
+-- the stats view: no worker serves this database (only cachekit.database)
 SELECT queue_depth, oldest_entry_age IS NULL AS no_age, dead_letters, worker_pid IS NOT NULL AS worker
 FROM cachekit_stats;
 SELECT cachekit_delete('x');
