@@ -43,7 +43,7 @@
 #include "utils/guc.h"
 #include "utils/wait_event.h"
 
-/* how long the launcher sleeps when nothing wakes it */
+/* how long the launcher sleeps when a timer of its own is running */
 #define CK_LAUNCHER_NAP_MS 1000
 /* how often it reads pg_database when nobody asks it to */
 #define CK_LAUNCHER_SCAN_MS 10000
@@ -367,6 +367,31 @@ ck_launcher_exit(int code, Datum arg)
 	LWLockRelease(CkLauncherLock);
 }
 
+/*
+ * How long to sleep: until the next scan of pg_database, or
+ * CK_LAUNCHER_NAP_MS while a worker waits for its restart, a pause runs or
+ * a database waits for its probe. Everything else wakes the launcher: the
+ * postmaster when a worker starts or stops, backends after CREATE/DROP
+ * EXTENSION and database commands.
+ */
+static long
+ck_launcher_nap(TimestampTz now, TimestampTz next_scan)
+{
+	long		secs;
+	int			usecs;
+
+	for (int i = 0; i < ck_launcher->ndatabases; i++)
+	{
+		CkDatabase *e = &ck_launcher->databases[i];
+
+		if (OidIsValid(e->dboid) &&
+			(e->restart_at > now || e->paused_until != 0 || e->state == CK_DB_UNKNOWN))
+			return CK_LAUNCHER_NAP_MS;
+	}
+	TimestampDifference(now, next_scan, &secs, &usecs);
+	return Max(secs * 1000 + usecs / 1000 + 1, CK_LAUNCHER_NAP_MS);
+}
+
 /* Entry point of the launcher. */
 void
 cachekit_launcher_main(Datum arg)
@@ -385,6 +410,7 @@ cachekit_launcher_main(Datum arg)
 	{
 		TimestampTz now;
 		bool		scan;
+		long		nap;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -404,11 +430,12 @@ cachekit_launcher_main(Datum arg)
 		LWLockAcquire(CkLauncherLock, LW_EXCLUSIVE);
 		ck_reap_workers(now);
 		ck_balance(now);
+		nap = ck_launcher_nap(now, next_scan);
 		LWLockRelease(CkLauncherLock);
 
 		/* the postmaster sets our latch when a worker starts or stops */
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 CK_LAUNCHER_NAP_MS, PG_WAIT_EXTENSION);
+						 nap, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
 }

@@ -42,8 +42,14 @@
 #include "utils/snapmgr.h"
 #include "utils/wait_event.h"
 
-/* how long an idle worker sleeps before looking at the queue anyway */
+/*
+ * How long an idle worker sleeps before looking at the queue anyway; while
+ * it finds nothing and holds a Redis connection, each such sleep doubles up
+ * to CK_IDLE_MAX_MS (committers wake it at once anyway; the long sleep
+ * spares the CPU of many idle databases' workers).
+ */
 #define CK_IDLE_TIMEOUT_MS 5000
+#define CK_IDLE_MAX_MS 60000
 /*
  * Under load (a pass found at least CK_LINGER_MIN_ENTRIES entries) the
  * worker waits a little before the next pass instead of being woken by
@@ -67,6 +73,7 @@ typedef enum CkPass
 } CkPass;
 
 static bool redis_down = false;	/* logged the loss, not yet the return */
+static long idle_ms = CK_IDLE_TIMEOUT_MS;	/* the next idle sleep */
 static int	last_pass_entries = 0;	/* entries the last pass read */
 
 /*
@@ -1245,6 +1252,19 @@ ck_extension_gone(TimestampTz looked_at)
 	proc_exit(0);
 }
 
+/*
+ * The idle sleep: CK_IDLE_TIMEOUT_MS after a pass that found work or
+ * without a Redis connection (an idle worker connects, so that
+ * cachekit_stats tells whether Redis is up), else what it grew to.
+ */
+static long
+ck_idle_ms(void)
+{
+	if (last_pass_entries > 0 || !ck_conn_usable(redis))
+		idle_ms = CK_IDLE_TIMEOUT_MS;
+	return idle_ms;
+}
+
 /* Entry point of the background worker. */
 void
 cachekit_worker_main(Datum arg)
@@ -1354,7 +1374,7 @@ cachekit_worker_main(Datum arg)
 			wait_ms = secs * 1000 + usecs / 1000 + 1;
 		}
 		else
-			wait_ms = CK_IDLE_TIMEOUT_MS;
+			wait_ms = ck_idle_ms();
 		/* an entry refused earlier is due for its retry */
 		if (retry_at == 0 && ck_waiting_next_retry() != 0)
 		{
@@ -1375,10 +1395,11 @@ cachekit_worker_main(Datum arg)
 		 * Idle for long: read from the very start once, whatever the floor
 		 * says, and give back what a burst of work left in the queue table.
 		 */
-		if ((rc & WL_TIMEOUT) && wait_ms == CK_IDLE_TIMEOUT_MS)
+		if ((rc & WL_TIMEOUT) && wait_ms == idle_ms)
 		{
 			ck_reset_floor();
 			ck_maybe_shrink();
+			idle_ms = Min(idle_ms * 2, CK_IDLE_MAX_MS);
 		}
 	}
 }
