@@ -579,6 +579,13 @@ ck_my_slot(void)
 		return NULL;
 	if (ck_shared != NULL)
 		return ck_shared;
+	/*
+	 * The commit path: no lock. A slot that changed hands just now only
+	 * means a wake-up for another worker; cachekit_wait checks the
+	 * database of what it reads under the lock.
+	 */
+	if (last >= 0 && ((volatile CachekitShared *) &ck_slots[last])->dboid == MyDatabaseId)
+		return &ck_slots[last];
 	for (int n = 0; n <= ck_max_databases; n++)
 	{
 		int			i = (last < 0 ? n : (last + n) % ck_max_databases);
