@@ -171,15 +171,20 @@ drain_all() {
 }
 
 tps() {    # N
-    local none trig
+    local none trig pids c0 c1
     set_trigger off
     none=$(tps_at_once "$1")
     set_trigger on
+    mapfile -t pids < <(q postgres "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cachekit worker'")
+    c0=$(cpu_sched_ms "${pids[@]}")
     trig=$(tps_at_once "$1")
+    c1=$(cpu_sched_ms "${pids[@]}")
     set_trigger off
     drain_all
     res "tps_ratio.$1" "$(calc "$trig / $none")"
-    say "    $1 database(s) at once: $trig TPS with the row trigger, $none without (ratio $(calc "$trig / $none"))"
+    # the delivering workers' CPU while the trigger run lasted, in % of one core
+    res "worker_cpu.$1" "$(calc "($c1 - $c0) / ($TPS_SECONDS * 10)")"
+    say "    $1 database(s) at once: $trig TPS with the row trigger, $none without (ratio $(calc "$trig / $none")); workers $(calc "($c1 - $c0) / ($TPS_SECONDS * 10)")% of a core"
 }
 
 # CPU time of the listed processes, in ms: clock ticks (stat) and run time (schedstat)
@@ -247,6 +252,7 @@ summary() {    # key decimals
     printf '%-58s %s\n' "figure" "value"
     for n in $DB_COUNTS; do
         printf '%-58s %s\n' "row-trigger TPS / no-trigger TPS, $n database(s) at once" "$(summary "tps_ratio.$n" 3)"
+        printf '%-58s %s\n' "  delivering workers' CPU meanwhile, % of one core" "$(summary "worker_cpu.$n" 1)"
     done
     printf '%-58s %s\n' "CPU of $DB_MAX idle workers, ms per 10 s (schedstat)" "$(summary idle_sched 3) (target <= 2)"
     printf '%-58s %s\n' "CPU of $DB_MAX idle workers, ms per 10 s (stat ticks)" "$(summary idle_stat 1)"
