@@ -3,10 +3,11 @@
 # Three databases with the extension, each with its own Redis
 # (ALTER DATABASE ... SET cachekit.redis_url), written by pgbench at the same
 # time. Meanwhile:
-#  - a fourth database is created, served, renamed and dropped, while its
-#    worker is stuck on a Redis that does not answer (SIGSTOP) with a
-#    backlog: ALTER DATABASE ... RENAME and DROP DATABASE neither fail nor
-#    wait for the worker;
+#  - a fourth database is created, served, renamed, copied (CREATE DATABASE
+#    ... TEMPLATE) and dropped, while its worker is stuck on a Redis that
+#    does not answer (SIGSTOP) with a backlog: ALTER DATABASE ... RENAME,
+#    CREATE DATABASE ... TEMPLATE and DROP DATABASE neither fail nor wait
+#    for the worker; the copy is served;
 #  - the third database's Redis is stopped for 30 s: the other two keep
 #    delivering. Their COMMIT -> gone latency is measured from timestamps:
 #    the key names carry the commit's clock, Redis's MONITOR the delivery's.
@@ -137,6 +138,18 @@ pause_redis($r4);
 sql('db4r', q{SELECT cachekit_delete('db4:again:' || g) FROM generate_series(1, 20000) g});
 ok(wait_for(sub { sql('db4r', q{SELECT state FROM pg_stat_activity WHERE backend_type = 'cachekit worker' AND datname = 'db4r'}) eq 'active' }, 30),
 	'db4r\'s worker is busy again');
+
+# a copy of it, while its worker is busy: the copy (with the backlog) is served too
+$t = time();
+($rc, $out, $err) = $node->psql('postgres', 'CREATE DATABASE db4copy TEMPLATE db4r');
+is($rc, 0, 'CREATE DATABASE ... TEMPLATE of a served database with a busy worker succeeds') or diag $err;
+cmp_ok(time() - $t, '<', 20, 'and does not wait for the worker\'s Redis command to time out');
+ok(wait_for(sub { sql('db1', q{SELECT status FROM cachekit_databases WHERE datname = 'db4copy'}) eq 'served' }, 60),
+	'the copy is served');
+ok(wait_for(sub { sql('db1', q{SELECT status FROM cachekit_databases WHERE datname = 'db4r'}) eq 'served' }, 60),
+	'db4r has its worker back (it cannot reach its Redis either)');
+($rc, $out, $err) = $node->psql('postgres', 'DROP DATABASE db4copy');
+is($rc, 0, 'DROP DATABASE of the copy succeeds') or diag $err;
 $t = time();
 ($rc, $out, $err) = $node->psql('postgres', 'DROP DATABASE db4r');
 is($rc, 0, 'DROP DATABASE of a served database with a busy worker succeeds') or diag $err;
