@@ -165,6 +165,23 @@ ck_request_scan(void)
 	ck_wake_launcher();
 }
 
+/* Have the launcher look into the current database again (a probe). */
+static void
+ck_reprobe_database(void)
+{
+	CkDatabase *e;
+
+	LWLockAcquire(CkLauncherLock, LW_EXCLUSIVE);
+	e = ck_database_entry(MyDatabaseId, false);
+	if (e != NULL && e->state == CK_DB_NO_EXTENSION)
+	{
+		e->state = CK_DB_UNKNOWN;
+		e->restart_at = 0;
+	}
+	LWLockRelease(CkLauncherLock);
+	ck_wake_launcher();
+}
+
 /* A worker leaves to be restarted at once (its database's settings changed). */
 void
 ck_request_restart(void)
@@ -326,6 +343,14 @@ ck_databases_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 	 */
 	if (OidIsValid(paused) || IsA(stmt, AlterDatabaseStmt))
 		db_ddl_in_xact = true;
+
+	/*
+	 * A prepared transaction may have created or dropped the extension
+	 * (its database is this one): have the launcher look again.
+	 */
+	if (ck_launcher != NULL && IsA(stmt, TransactionStmt) &&
+		((TransactionStmt *) stmt)->kind == TRANS_STMT_COMMIT_PREPARED)
+		ck_reprobe_database();
 
 	if ((IsA(stmt, CreateExtensionStmt) &&
 		 strcmp(((CreateExtensionStmt *) stmt)->extname, "cachekit") == 0) ||

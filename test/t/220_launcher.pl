@@ -2,8 +2,8 @@
 # (cachekit.database = ''): the launcher's life cycle of database workers.
 #
 # 1. CREATE EXTENSION in a new database delivers soon (no restart), also
-#    when done in a transaction that commits; a rolled-back one starts
-#    nothing. Template databases and databases refusing connections are
+#    when done in a transaction that commits (or is prepared, then
+#    committed); a rolled-back one starts nothing. Template databases and databases refusing connections are
 #    skipped; cachekit_databases says why.
 # 2. Each database delivers to its own cachekit.redis_url (ALTER DATABASE
 #    ... SET, superuser only: a database owner cannot set it), and a reload
@@ -34,7 +34,8 @@ my $node = new_cachekit_node('launcher', $r0,
 	'cachekit.database'        => '',
 	'cachekit.max_databases'   => '3',
 	'cachekit.retry_max_delay' => '200ms',
-	'max_worker_processes'     => '16');
+	'max_worker_processes'     => '16',
+	'max_prepared_transactions' => '2');
 
 sub sql { $node->safe_psql(@_) }
 
@@ -78,6 +79,16 @@ redis_cmd($r2, 'SET', 'app2:in_tx', 'x');
 sql('app2', q{BEGIN; CREATE EXTENSION cachekit; SELECT cachekit_delete('app2:in_tx'); COMMIT;});
 ok(wait_for(sub { !redis_exists($r2, 'app2:in_tx') }, 30),
 	'CREATE EXTENSION inside a committed transaction: served, its own work delivered');
+
+# in a prepared transaction, committed later
+sql('postgres', 'CREATE DATABASE prep');
+sql('prep', q{BEGIN; CREATE EXTENSION cachekit; PREPARE TRANSACTION 'ext';});
+sleep(2);
+sql('prep', q{COMMIT PREPARED 'ext'});
+ok(delivers('prep', $r0, 'prep:served'), 'CREATE EXTENSION in a prepared transaction: served once committed');
+sql('prep', 'DROP EXTENSION cachekit');
+ok(wait_for(sub { status_of('app1', 'prep') eq 'false|no cachekit extension' }, 30),
+	'and no longer once the extension is dropped');
 
 # rolled back, and rolled back to a savepoint
 sql('postgres', 'CREATE DATABASE rolled');
