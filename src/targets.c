@@ -89,6 +89,8 @@ ck_targets_parse(const char *value, List **names, List **urls, char **errmsg)
 
 	*names = NIL;
 	*urls = NIL;
+	if (p && p[strspn(p, " \t\n\r")] == '\0')
+		return true;			/* no named target */
 	while (p && *p)
 	{
 		const char *end = strchr(p, ',');
