@@ -487,6 +487,7 @@ enum
 	CK_PLAN_DEAD,
 	CK_PLAN_UNOWE,
 	CK_PLAN_DEAD_COPY,
+	CK_PLAN_SWEEP,
 	CK_NPLANS
 };
 
@@ -538,6 +539,7 @@ ck_make_target_plans(const char *schema)
 {
 	Oid			unowe_types[2] = {INT8ARRAYOID, TEXTOID};
 	Oid			dead_types[3] = {INT8ARRAYOID, TEXTARRAYOID, TEXTOID};
+	Oid			sweep_types[2] = {TEXTARRAYOID, FLOAT8OID};
 
 	plans[CK_PLAN_UNOWE] = ck_keep_plan(
 		psprintf("UPDATE %s.%s q SET targets = pg_catalog.array_remove("
@@ -553,6 +555,30 @@ ck_make_target_plans(const char *schema)
 				 "FROM %s.%s q, ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
 				 "WHERE q.id OPERATOR(pg_catalog.=) u.id",
 				 schema, CK_DEAD_TABLE, schema, CK_QUEUE_TABLE), 3, dead_types);
+	plans[CK_PLAN_SWEEP] = ck_keep_plan(
+		psprintf("WITH victims AS ("
+				 " SELECT q.id, pg_catalog.array_agg(t.name) AS names"
+				 " FROM %s.%s q, pg_catalog.unnest(q.targets) AS t(name)"
+				 " WHERE q.targets IS NOT NULL"
+				 " AND q.enqueued_at OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $2)"
+				 " AND t.name OPERATOR(pg_catalog.<>) ALL ($1)"
+				 " GROUP BY q.id LIMIT 10000"
+				 "), dead AS ("
+				 " INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error,"
+				 " enqueued_at, first_refused_at, target)"
+				 " SELECT q.id, q.kind, q.keys, q.tags, q.untags, q.value, q.ttl, q.attempts,"
+				 " pg_catalog.format('target \"%%s\" is not configured in cachekit.targets', n.name),"
+				 " q.enqueued_at, pg_catalog.now(), n.name"
+				 " FROM victims v JOIN %s.%s q ON q.id OPERATOR(pg_catalog.=) v.id,"
+				 " pg_catalog.unnest(v.names) AS n(name)"
+				 " ON CONFLICT DO NOTHING"
+				 ") UPDATE %s.%s q SET targets = COALESCE((SELECT pg_catalog.array_agg(x)"
+				 " FROM pg_catalog.unnest(q.targets) AS x WHERE x OPERATOR(pg_catalog.<>) ALL (v.names)),"
+				 " '{}'::pg_catalog.text[])"
+				 " FROM victims v WHERE q.id OPERATOR(pg_catalog.=) v.id"
+				 " RETURNING q.id, pg_catalog.cardinality(q.targets)",
+				 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE, schema, CK_QUEUE_TABLE,
+				 schema, CK_QUEUE_TABLE), 2, sweep_types);
 }
 
 /*
@@ -1257,6 +1283,65 @@ ck_maybe_shrink(void)
 	ck_vacuum_queue(plans_queue, true);
 }
 
+/* how often entries owed to targets that are not configured are looked for */
+#define CK_SWEEP_MS 10000
+static TimestampTz last_sweep = 0;
+
+/*
+ * Entries owed to a target that is not configured (named by a trigger or a
+ * call before cachekit.targets had it, or after it was removed) wait for
+ * it, as the setting is reloadable, and cachekit_target_stats shows them.
+ * Once cachekit.dead_letter_after old, such an entry moves to the dead
+ * letters for that target, with the reason; the other targets it names
+ * keep it. Looked for every CK_SWEEP_MS.
+ */
+static void
+ck_sweep_unconfigured(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Datum	   *names;
+	Datum		args[2];
+	int			rc;
+
+	if (!TimestampDifferenceExceeds(last_sweep, now, CK_SWEEP_MS))
+		return;
+	last_sweep = now;
+	names = palloc(sizeof(Datum) * ntargets);
+	for (int i = 0; i < ntargets; i++)
+		names[i] = CStringGetTextDatum(targets[i].name);
+	args[0] = PointerGetDatum(construct_array(names, ntargets, TEXTOID, -1, false, TYPALIGN_INT));
+	args[1] = Float8GetDatum((double) ck_dead_letter_after);
+	ck_begin("dead-lettering entries of targets not configured");
+	if (ck_prepare_plans() && plans[CK_PLAN_SWEEP] != NULL)
+	{
+		Datum	   *gone;
+		int			ngone = 0;
+
+		rc = SPI_execute_plan(plans[CK_PLAN_SWEEP], args, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE_RETURNING)
+			elog(ERROR, "cachekit worker could not update its queue: %s", SPI_result_code_string(rc));
+		gone = palloc(sizeof(Datum) * (SPI_processed + 1));
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			bool		isnull;
+
+			if (DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull)) == 0)
+				gone[ngone++] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
+		}
+		if (SPI_processed > 0)
+			ereport(WARNING,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("cachekit moved %llu queue entries to %s for targets that are not configured",
+							(unsigned long long) SPI_processed, CK_DEAD_TABLE),
+					 errhint("Add the targets to cachekit.targets, reload, and replay them with cachekit_replay_dead_letters().")));
+		if (ngone > 0)
+			ck_exec_ids(CK_PLAN_DELETE_IDS,
+						PointerGetDatum(construct_array(gone, ngone, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE)),
+						(Datum) 0, SPI_OK_DELETE);
+	}
+	ck_commit();
+}
+
 /*
  * A pass that survives its own errors (the queue table dropped under it,
  * say): the error is logged, the transaction rolled back, and the pass
@@ -1275,6 +1360,9 @@ ck_pass_guarded(MemoryContext batch_cxt, bool *drained)
 		char	   *err = NULL;
 
 		result = ck_pass(batch_cxt, drained);
+		/* once per round: entries of targets that are not configured */
+		if (cur_index == 0)
+			ck_sweep_unconfigured();
 		/* second deletes that are due (redelete.c), on the pass's connection */
 		if (result != CK_PASS_FAILED && ck_conn_usable(cur->redis) &&
 			!ck_redelete_run_due(cur->redis, &err))

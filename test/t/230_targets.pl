@@ -153,6 +153,10 @@ is(where_present('bk', $eu, $us), '0,1', 'to the target that refused it only');
 
 # ---- a target named before it is configured ---------------------------------
 
+# entries of unconfigured targets dead-letter after dead_letter_after: not yet
+sql("ALTER SYSTEM SET cachekit.dead_letter_after = '1h'");
+sql('SELECT pg_reload_conf()');
+
 my ($rc, $out, $err) = $node->psql('postgres', q{
 	CREATE TRIGGER users_asia AFTER UPDATE ON users
 	  FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('target=asia', 'user:{id}')});
@@ -173,6 +177,27 @@ sql("ALTER SYSTEM SET cachekit.targets = 'eu=" . redis_url($eu) . ", us=$us_url,
 sql('SELECT pg_reload_conf()');
 ok(wait_for(sub { !redis_exists($asia, 'user:1') }, 60), 'configured by a reload: its entry is delivered');
 ok(delivered(), 'the queue is empty');
+
+# ---- a target that stays unconfigured: dead letters after dead_letter_after --
+
+($rc, $out, $err) = $node->psql('postgres', q{
+	CREATE TRIGGER users_mars AFTER UPDATE ON users
+	  FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('target=mars', 'target=eu', 'user:{id}')});
+like($err, qr/target "mars" .* is not configured/, 'mars: a warning');
+redis_cmd($eu, 'SET', 'user:2', 'x');
+sql("UPDATE users SET name = name WHERE id = 2");
+ok(wait_for(sub { !redis_exists($eu, 'user:2') }, 30), 'eu takes the entry mars owes too');
+ok(wait_for(sub { sql('SELECT string_agg(targets::text, \' \') FROM cachekit_queue') eq '{mars}' }, 30),
+	'only mars still owes it');
+sleep(2);
+is(sql('SELECT count(*) FROM cachekit_dead_letter'), '0', 'it waits while younger than dead_letter_after');
+sql("ALTER SYSTEM SET cachekit.dead_letter_after = '1s'");
+sql('SELECT pg_reload_conf()');
+ok(wait_for(sub { sql(q{SELECT count(*) FROM cachekit_dead_letter WHERE target = 'mars'}) eq '1' }, 60),
+	'then it moves to the dead letters for mars');
+like(sql(q{SELECT error FROM cachekit_dead_letter WHERE target = 'mars'}), qr/target "mars" is not configured/,
+	'with the reason');
+is(sql('SELECT count(*) FROM cachekit_queue'), '0', 'and leaves the queue');
 
 # ---- no password in any log line -------------------------------------------
 
