@@ -1481,6 +1481,8 @@ ck_load_targets(void)
 	ListCell   *ln,
 			   *lu;
 	int			i = 0;
+	char	   *was_down[CK_MAX_TARGETS];	/* targets whose loss was logged */
+	int			nwas_down = 0;
 
 	for (int t = 0; t < ntargets; t++)
 	{
@@ -1488,6 +1490,8 @@ ck_load_targets(void)
 		ck_topology_free(targets[t].topology);
 		if (targets[t].cand.vxids)
 			pfree(targets[t].cand.vxids);
+		if (targets[t].redis_down)
+			was_down[nwas_down++] = targets[t].name;
 	}
 	memset(targets, 0, sizeof(targets));
 	/* the check hook accepted it; parse in the worker's long-lived memory */
@@ -1510,7 +1514,13 @@ ck_load_targets(void)
 	}
 	ntargets = i;
 	for (int t = 0; t < ntargets; t++)
+	{
 		targets[t].slot = ck_target_slot(targets[t].name);
+		/* an outage logged before the reload ends with one "reconnected" line */
+		for (int d = 0; d < nwas_down; d++)
+			if (strcmp(was_down[d], targets[t].name) == 0)
+				targets[t].redis_down = true;
+	}
 	ck_target_release_others(all);
 	ck_select_target(0);
 	for (int t = 0; t < ntargets; t++)
