@@ -1117,9 +1117,14 @@ ck_pass(MemoryContext batch_cxt, bool *drained)
 	{
 		/* nothing committed before this pass's snapshot waits */
 		*drained = OidIsValid(batch_ext) && ck_waiting_idle() && !full;
-		/* connect while idle too, so cachekit_stats tells whether Redis is up */
-		if (OidIsValid(batch_ext) && !ck_conn_usable(cur->redis))
-			(void) ck_ensure_connection();
+		/*
+		 * connect while idle too, so cachekit_stats tells whether Redis is
+		 * up; with several targets, one that is down backs off, so that its
+		 * attempts do not cost the others' rounds
+		 */
+		if (OidIsValid(batch_ext) && !ck_conn_usable(cur->redis) &&
+			!ck_ensure_connection() && ntargets > 1)
+			return CK_PASS_FAILED;
 		/* a full read of others' entries moved the floor: read on at once */
 		return full && cur->read_floor > floor_before ? CK_PASS_MORE : CK_PASS_IDLE;
 	}
