@@ -1064,6 +1064,27 @@ ck_publish_stats(const CkDeliveryStats *stats)
 }
 
 /*
+ * The end of a pass that read nothing the current target owes (installed:
+ * the extension is).
+ */
+static CkPass
+ck_pass_nothing(bool installed, bool full, int64 floor_before, bool *drained)
+{
+	/* nothing committed before this pass's snapshot waits */
+	*drained = installed && ck_waiting_idle() && !full;
+	/*
+	 * connect while idle too, so cachekit_stats tells whether Redis is up;
+	 * with several targets, one that is down backs off, so that its
+	 * attempts do not cost the others' rounds
+	 */
+	if (installed && !ck_conn_usable(cur->redis) && !ck_ensure_connection() &&
+		ntargets > 1)
+		return CK_PASS_FAILED;
+	/* a full read of others' entries moved the floor: read on at once */
+	return full && cur->read_floor > floor_before ? CK_PASS_MORE : CK_PASS_IDLE;
+}
+
+/*
  * One pass for the current target: read a batch of the entries it owes,
  * deliver it, settle it. *drained says whether it left nothing committed
  * before the pass's snapshot undelivered to this target.
@@ -1114,20 +1135,7 @@ ck_pass(MemoryContext batch_cxt, bool *drained)
 	MemoryContextSwitchTo(batch_cxt);
 
 	if (n == 0)
-	{
-		/* nothing committed before this pass's snapshot waits */
-		*drained = OidIsValid(batch_ext) && ck_waiting_idle() && !full;
-		/*
-		 * connect while idle too, so cachekit_stats tells whether Redis is
-		 * up; with several targets, one that is down backs off, so that its
-		 * attempts do not cost the others' rounds
-		 */
-		if (OidIsValid(batch_ext) && !ck_conn_usable(cur->redis) &&
-			!ck_ensure_connection() && ntargets > 1)
-			return CK_PASS_FAILED;
-		/* a full read of others' entries moved the floor: read on at once */
-		return full && cur->read_floor > floor_before ? CK_PASS_MORE : CK_PASS_IDLE;
-	}
+		return ck_pass_nothing(OidIsValid(batch_ext), full, floor_before, drained);
 
 	/* Redis round trips, with no transaction open */
 	old = MemoryContextSwitchTo(batch_cxt);
