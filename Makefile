@@ -19,7 +19,7 @@ PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
 SHLIB_LINK = -lhiredis -lssl -lcrypto
 
-REGRESS = template statement invalidate manual write_through settings keys ddl preview upgrade_triggers
+REGRESS = template statement invalidate manual write_through settings keys ddl preview upgrade_triggers targets
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
 
 TAP_TESTS = 1

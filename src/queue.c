@@ -469,19 +469,27 @@ ck_targets_arg(FunctionCallInfo fcinfo, int argno)
 	return ck_targets_array(names);
 }
 
+/* Queue the keys (or tags) of argument 1 for the targets of argument 0. */
+static void
+ck_enqueue_in(FunctionCallInfo fcinfo, bool tags)
+{
+	Datum		targets = ck_targets_arg(fcinfo, 0);
+	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
+	List	   *items;
+
+	if (PG_ARGISNULL(1))
+		return;
+	items = ck_array_to_list(PG_GETARG_ARRAYTYPE_P(1), tags ? "tags" : "keys");
+	if (items != NIL)
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, tags ? NIL : items, tags ? items : NIL,
+				   NIL, NULL, 0, targets);
+}
+
 /* cachekit_delete_in(targets text[], VARIADIC keys text[]): cachekit_delete for those targets. */
 Datum
 cachekit_delete_in(PG_FUNCTION_ARGS)
 {
-	Datum		targets = ck_targets_arg(fcinfo, 0);
-	List	   *keys;
-	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
-
-	if (PG_ARGISNULL(1))
-		PG_RETURN_VOID();
-	keys = ck_array_to_list(PG_GETARG_ARRAYTYPE_P(1), "keys");
-	if (keys != NIL)
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, NIL, NIL, NULL, 0, targets);
+	ck_enqueue_in(fcinfo, false);
 	PG_RETURN_VOID();
 }
 
@@ -489,15 +497,7 @@ cachekit_delete_in(PG_FUNCTION_ARGS)
 Datum
 cachekit_flush_tag_in(PG_FUNCTION_ARGS)
 {
-	Datum		targets = ck_targets_arg(fcinfo, 0);
-	List	   *tags;
-	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
-
-	if (PG_ARGISNULL(1))
-		PG_RETURN_VOID();
-	tags = ck_array_to_list(PG_GETARG_ARRAYTYPE_P(1), "tags");
-	if (tags != NIL)
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, NIL, tags, NIL, NULL, 0, targets);
+	ck_enqueue_in(fcinfo, true);
 	PG_RETURN_VOID();
 }
 
