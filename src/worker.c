@@ -65,8 +65,6 @@ typedef enum CkPass
 	CK_PASS_FAILED				/* Redis failed: back off */
 } CkPass;
 
-
-
 /*
  * The worker vacuums its queue itself once it has deleted this many entries
  * (and at most every CK_VACUUM_MIN_MS): at tens of thousands of entries a
@@ -328,9 +326,10 @@ ck_fate(const CkEntry *e)
  * them on every pass. The floor skips them, and moves up only when that is
  * safe: an entry below it can only appear by the commit of a transaction
  * that was running when the entries above it were read, so the floor waits
- * until every transaction running at that read has ended.
+ * until every transaction running at that read has ended. Each target
+ * has its own floor (CkTarget.read_floor): entries other targets owe do not
+ * hold it back.
  */
-
 
 /*
  * Tell cachekit_wait where no target owes anything below: the lowest floor
