@@ -62,5 +62,5 @@ FROM cachekit_target_stats ORDER BY target;
 SELECT has_table_privilege('pg_monitor', 'cachekit_target_stats', 'SELECT') AS monitor,
        has_function_privilege('public', 'cachekit_target_state()', 'EXECUTE') AS public_state,
        has_function_privilege('public', 'cachekit_delete_in(text[], text[])', 'EXECUTE') AS public_delete_in;
-DROP EXTENSION cachekit;
 DROP TABLE acct;
+DROP EXTENSION cachekit;

@@ -460,9 +460,10 @@ ck_targets_arg(FunctionCallInfo fcinfo, int argno)
 		return (Datum) 0;
 	foreach(lc, ck_array_to_list(PG_GETARG_ARRAYTYPE_P(argno), "targets"))
 	{
+		if (list_member(names, makeString(lfirst(lc))))
+			continue;
 		ck_target_check_name(lfirst(lc), "targets");
-		if (!list_member(names, makeString(lfirst(lc))))
-			names = lappend(names, makeString(lfirst(lc)));
+		names = lappend(names, makeString(lfirst(lc)));
 	}
 	foreach(lc, names)
 		lfirst(lc) = strVal(lfirst(lc));
