@@ -20,8 +20,9 @@ my $main = start_redis();
 my $eu   = start_redis();
 my $us   = start_redis(password => 'us-secret-7');
 my $us_url = 'redis://:us-secret-7@127.0.0.1:' . $us->port . '/0';
+# us comes before eu: the stopped target is served first in each round
 my $node = new_cachekit_node('targets', $main,
-	'cachekit.targets'          => 'eu=' . redis_url($eu) . ", us=$us_url",
+	'cachekit.targets'          => "us=$us_url, eu=" . redis_url($eu),
 	'cachekit.retry_max_delay'  => '300ms',
 	'cachekit.max_attempts'     => '1',
 	'cachekit.dead_letter_after' => '0',
@@ -173,7 +174,7 @@ like(sql(q{SELECT last_error FROM cachekit_target_stats WHERE target = 'asia'}),
 	'with the reason');
 my $asia = start_redis();
 redis_cmd($asia, 'SET', 'user:1', 'x');
-sql("ALTER SYSTEM SET cachekit.targets = 'eu=" . redis_url($eu) . ", us=$us_url, asia=" . redis_url($asia) . "'");
+sql("ALTER SYSTEM SET cachekit.targets = 'us=$us_url, eu=" . redis_url($eu) . ", asia=" . redis_url($asia) . "'");
 sql('SELECT pg_reload_conf()');
 ok(wait_for(sub { !redis_exists($asia, 'user:1') }, 60), 'configured by a reload: its entry is delivered');
 ok(delivered(), 'the queue is empty');
