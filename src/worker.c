@@ -559,7 +559,7 @@ ck_make_target_plans(const char *schema)
 				 " SELECT q.id, pg_catalog.array_agg(t.name) AS names"
 				 " FROM %s.%s q, pg_catalog.unnest(q.targets) AS t(name)"
 				 " WHERE q.targets IS NOT NULL"
-				 " AND q.enqueued_at OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $2)"
+				 " AND q.enqueued_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $2))"
 				 " AND t.name OPERATOR(pg_catalog.<>) ALL ($1)"
 				 " GROUP BY q.id LIMIT 10000"
 				 "), dead AS ("
