@@ -160,7 +160,7 @@ REVOKE ALL ON FUNCTION @extschema@.cachekit_delete_in(text[], text[]) FROM PUBLI
 REVOKE ALL ON FUNCTION @extschema@.cachekit_flush_tag_in(text[], text[]) FROM PUBLIC;
 
 -- One row per configured target of this database: the worker's state and
--- counters for it since the server started (behind cachekit_target_stats).
+-- counters for it since the worker started (behind cachekit_target_stats).
 CREATE FUNCTION @extschema@.cachekit_target_state(
 	OUT target text,
 	OUT connected boolean,

@@ -157,8 +157,9 @@ ck_worker_exit(int code, Datum arg)
 	{
 		ck_conn_free(targets[i].redis);
 		targets[i].redis = NULL;
-		ck_target_set_connected(targets[i].slot, false);
 	}
+	/* give the targets' shared slots back: a dropped database keeps none */
+	ck_target_release_others(NIL);
 }
 
 /*
