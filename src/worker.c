@@ -492,6 +492,7 @@ enum
 };
 
 static SPIPlanPtr plans[CK_NPLANS];
+static TimestampTz last_sweep = 0;	/* see ck_sweep_unconfigured */
 static Oid	plans_ext = InvalidOid;	/* the extension they were made for */
 static Oid	plans_queue = InvalidOid;	/* and its queue table */
 
@@ -507,6 +508,8 @@ ck_free_plans(void)
 	}
 	plans_ext = InvalidOid;
 	plans_queue = InvalidOid;
+	/* new plans: the sweep runs (and plans itself) in the first round */
+	last_sweep = 0;
 	ck_reset_floor();
 	for (int i = 0; i < ntargets; i++)
 	{
@@ -1298,7 +1301,6 @@ ck_maybe_shrink(void)
 
 /* how often entries owed to targets that are not configured are looked for */
 #define CK_SWEEP_MS 10000
-static TimestampTz last_sweep = 0;
 
 /*
  * Entries owed to a target that is not configured (named by a trigger or a
