@@ -1573,6 +1573,7 @@ ck_round(MemoryContext batch_cxt)
 	CkPass		round = CK_PASS_IDLE;
 	bool		any_due = false;
 	TimestampTz now = GetCurrentTimestamp();
+	bool		was_down[CK_MAX_TARGETS];
 
 	/* every target backing off: nothing to do, and commits need not wake us */
 	for (int i = 0; i < ntargets; i++)
@@ -1585,11 +1586,21 @@ ck_round(MemoryContext batch_cxt)
 	pg_atomic_write_u32(&ck_shared->wake_requested, 0);
 	/* and this pass's snapshots are taken after the count says it began */
 	pass_no = pg_atomic_add_fetch_u64(&ck_shared->passes, 1);
+	/*
+	 * Targets that are up first, then those whose loss was logged: an
+	 * attempt on a target that hangs (it costs up to connect_timeout) then
+	 * comes after the others delivered what this round found.
+	 */
 	for (int i = 0; i < ntargets; i++)
+		was_down[i] = targets[i].redis_down;
+	for (int k = 0; k < 2 * ntargets; k++)
 	{
+		int			i = k % ntargets;
 		bool		drained = false;
 		CkPass		result;
 
+		if (was_down[i] != (k >= ntargets))
+			continue;
 		ck_select_target(i);
 		if (cur->retry_at != 0 && now < cur->retry_at)
 		{
