@@ -11,7 +11,7 @@ EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).
 MODULE_big = cachekit
 OBJS = src/cachekit.o src/template.o src/trigger.o src/queue.o src/deliver.o src/waiting.o src/worker.o \
 	src/url.o src/transport.o src/protocol.o src/topology.o \
-	src/ddl.o src/preview.o src/replica.o src/launcher.o src/databases.o src/redelete.o
+	src/ddl.o src/preview.o src/replica.o src/launcher.o src/databases.o src/redelete.o src/targets.o
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 PGFILEDESC = "cachekit - Redis cache invalidation from PostgreSQL"
 
@@ -19,7 +19,7 @@ PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
 SHLIB_LINK = -lhiredis -lssl -lcrypto
 
-REGRESS = template statement invalidate manual write_through settings keys ddl preview upgrade_triggers
+REGRESS = template statement invalidate manual write_through settings keys ddl preview upgrade_triggers targets
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
 
 TAP_TESTS = 1

@@ -312,3 +312,113 @@ SELECT datid, datname, served, worker_pid, status
 FROM @extschema@.cachekit_databases_state();
 REVOKE ALL ON @extschema@.cachekit_databases FROM PUBLIC;
 GRANT SELECT ON @extschema@.cachekit_databases TO pg_monitor;
+
+-- ---- named Redis targets and fan-out (issue 13, "Several targets") --------
+-- cachekit.targets names Redis targets besides "default" (cachekit.redis_url).
+-- targets: the targets that still owe an entry, NULL for the default target
+-- alone (what every entry without target= gets: the writers' direct insert
+-- leaves it NULL). The worker removes a target once it acknowledged the
+-- entry, and deletes the entry when no target is left.
+ALTER TABLE @extschema@.cachekit_queue ADD COLUMN targets text[];
+-- A dead letter is an entry refused by one target: the others may have
+-- taken it. The same queue entry may be dead-lettered once per target.
+ALTER TABLE @extschema@.cachekit_dead_letter ADD COLUMN target text NOT NULL DEFAULT 'default';
+ALTER TABLE @extschema@.cachekit_dead_letter DROP CONSTRAINT cachekit_dead_letter_pkey;
+ALTER TABLE @extschema@.cachekit_dead_letter ADD PRIMARY KEY (id, target);
+
+-- Replay: back into the queue for the target that refused it.
+CREATE OR REPLACE FUNCTION @extschema@.cachekit_replay_dead_letters(ids bigint[] DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH moved AS (
+		DELETE FROM @extschema@.cachekit_dead_letter
+		WHERE ids IS NULL OR id OPERATOR(pg_catalog.=) ANY (ids)
+		RETURNING id, kind, keys, tags, untags, enqueued_at, target
+	), queued AS (
+		INSERT INTO @extschema@.cachekit_queue (kind, keys, tags, untags, enqueued_at, targets)
+		SELECT CASE WHEN kind OPERATOR(pg_catalog.=) 'w'::"char" THEN 'd'::"char" ELSE kind END,
+			   keys,
+			   CASE WHEN kind OPERATOR(pg_catalog.=) 'w'::"char" THEN '{}'::text[] ELSE tags END,
+			   CASE WHEN kind OPERATOR(pg_catalog.=) 'w'::"char"
+					THEN tags OPERATOR(pg_catalog.||) untags ELSE untags END,
+			   enqueued_at,
+			   CASE WHEN target OPERATOR(pg_catalog.=) 'default' THEN NULL ELSE ARRAY[target] END
+		FROM moved ORDER BY id, target
+		RETURNING 1
+	)
+	SELECT pg_catalog.count(*) FROM queued;
+$$;
+
+-- cachekit_delete and cachekit_flush_tag for named targets (NULL or empty:
+-- the default one), at commit; several targets get the work each.
+CREATE FUNCTION @extschema@.cachekit_delete_in(targets text[], VARIADIC keys text[])
+RETURNS void
+AS 'MODULE_PATHNAME', 'cachekit_delete_in'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+CREATE FUNCTION @extschema@.cachekit_flush_tag_in(targets text[], VARIADIC tags text[])
+RETURNS void
+AS 'MODULE_PATHNAME', 'cachekit_flush_tag_in'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_delete_in(text[], text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_flush_tag_in(text[], text[]) FROM PUBLIC;
+
+-- One row per configured target of this database: the worker's state and
+-- counters for it since the worker started (behind cachekit_target_stats).
+CREATE FUNCTION @extschema@.cachekit_target_state(
+	OUT target text,
+	OUT connected boolean,
+	OUT last_error text,
+	OUT last_error_at timestamptz,
+	OUT last_delivery_at timestamptz,
+	OUT entries_delivered bigint,
+	OUT failed_attempts bigint,
+	OUT dead_lettered bigint,
+	OUT keys_deleted bigint,
+	OUT tags_flushed bigint,
+	OUT tag_keys_deleted bigint,
+	OUT keys_written bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cachekit_target_state'
+LANGUAGE C STRICT VOLATILE;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_target_state() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.cachekit_target_state() TO pg_monitor;
+
+-- One row per target: each configured one, and each that queued entries
+-- name without it being configured (they wait: last_error says so).
+CREATE VIEW @extschema@.cachekit_target_stats AS
+WITH owed AS (
+	SELECT t.target, pg_catalog.count(*) AS backlog,
+		   pg_catalog.min(q.enqueued_at) AS oldest_enqueued_at
+	FROM @extschema@.cachekit_queue q,
+		 pg_catalog.unnest(COALESCE(q.targets, ARRAY['default'::pg_catalog.text])) AS t(target)
+	GROUP BY t.target
+), dead AS (
+	SELECT d.target, pg_catalog.count(*) AS dead_letters
+	FROM @extschema@.cachekit_dead_letter d
+	GROUP BY d.target
+)
+SELECT COALESCE(s.target, o.target) AS target,
+	   s.target IS NOT NULL AS configured,
+	   COALESCE(s.connected, false) AS connected,
+	   COALESCE(o.backlog, 0) AS backlog,
+	   pg_catalog.now() OPERATOR(pg_catalog.-) o.oldest_enqueued_at AS oldest_entry_age,
+	   o.oldest_enqueued_at,
+	   COALESCE(d.dead_letters, 0) AS dead_letters,
+	   CASE WHEN s.target IS NULL THEN 'target is not configured in cachekit.targets'
+			ELSE s.last_error END AS last_error,
+	   s.last_error_at,
+	   s.last_delivery_at,
+	   COALESCE(s.entries_delivered, 0) AS entries_delivered,
+	   COALESCE(s.failed_attempts, 0) AS failed_attempts,
+	   COALESCE(s.dead_lettered, 0) AS dead_lettered,
+	   COALESCE(s.keys_deleted, 0) AS keys_deleted,
+	   COALESCE(s.tags_flushed, 0) AS tags_flushed,
+	   COALESCE(s.tag_keys_deleted, 0) AS tag_keys_deleted,
+	   COALESCE(s.keys_written, 0) AS keys_written
+FROM @extschema@.cachekit_target_state() AS s
+	 FULL JOIN owed o ON o.target OPERATOR(pg_catalog.=) s.target
+	 LEFT JOIN dead d ON d.target OPERATOR(pg_catalog.=) COALESCE(s.target, o.target);
+REVOKE ALL ON @extschema@.cachekit_target_stats FROM PUBLIC;
+GRANT SELECT ON @extschema@.cachekit_target_stats TO pg_monitor;

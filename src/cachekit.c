@@ -218,6 +218,8 @@ _PG_init(void)
 							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
+	ck_targets_init();			/* cachekit.targets, and its shared state */
+
 	MarkGUCPrefixReserved("cachekit");
 
 	/* PostgreSQL logs changed settings with their values: hide the password */

@@ -257,7 +257,8 @@ extern bool ck_query_has_modifying_cte(void);
 /*---- the queue (queue.c) ----*/
 
 extern void ck_enqueue(Oid nspid, char kind, List *keys, List *tags,
-					   List *untags, const char *value, int ttl);
+					   List *untags, const char *value, int ttl, Datum targets);
+extern Datum ck_targets_array(List *names);
 extern Oid	ck_extension_schema(FmgrInfo *flinfo);
 extern void ck_note_enqueued(void);
 extern void ck_queue_init(void);
@@ -296,6 +297,8 @@ typedef struct CkEntry
 	bool		failed;			/* Redis refused part of it, or it was held */
 	CkErrorClass errclass;		/* why, when failed */
 	char	   *error;			/* the first refusal */
+	int			ntargets;		/* targets still owed it (0: the default one) */
+	char	  **targets;
 } CkEntry;
 
 /* counters of one delivered batch */
@@ -316,6 +319,7 @@ extern bool ck_deliver(CkConn *conn, CkEntry *entries, int n, CkDeliveryStats *s
 
 /*---- delayed second deletes (redelete.c) ----*/
 
+extern void ck_redelete_select(int target);
 extern void ck_redelete_remember(CkEntry *entries, int n);
 extern long ck_redelete_next_ms(void);
 extern bool ck_redelete_run_due(CkConn *conn, char **errmsg);
@@ -341,6 +345,7 @@ PGDLLEXPORT void cachekit_launcher_main(Datum arg);
 
 /*---- refused entries waiting for their retry (waiting.c) ----*/
 
+extern void ck_waiting_select(int target);
 extern void ck_waiting_forget(void);
 extern void ck_waiting_start_pass(void);
 extern int	ck_waiting_nskipped(void);
@@ -498,5 +503,37 @@ extern CkConn *ck_topology_connect(CkTopology *topo, char **where, char **errmsg
 extern bool ck_topology_sync(CkConn *conn, char **errmsg);
 extern void ck_topology_note_delivered(CkTopology *topo, const CkEntry *entries, int n);
 extern bool ck_topology_replay(CkTopology *topo, CkConn *conn, char **errmsg);
+
+/*---- named Redis targets (targets.c) ----*/
+
+#define CK_DEFAULT_TARGET	"default"	/* cachekit.redis_url */
+#define CK_MAX_TARGETS		16	/* per database, "default" included */
+
+/* a target's counters in shared memory, in cachekit_target_state()'s order */
+enum
+{
+	CK_TC_ENTRIES_DELIVERED,
+	CK_TC_FAILED_ATTEMPTS,
+	CK_TC_DEAD_LETTERED,
+	CK_TC_KEYS_DELETED,
+	CK_TC_TAGS_FLUSHED,
+	CK_TC_TAG_KEYS_DELETED,
+	CK_TC_KEYS_WRITTEN,
+	CK_TARGET_NCOUNTERS
+};
+
+extern char *ck_targets;
+extern void ck_targets_init(void);
+extern void ck_targets_shmem_request(void);
+extern void ck_targets_shmem_startup(void);
+extern bool ck_targets_parse(const char *value, List **names, List **urls, char **errmsg);
+extern bool ck_target_configured(const char *name);
+extern bool ck_target_name_valid(const char *name);
+extern void ck_target_check_name(const char *name, const char *where);
+extern int	ck_target_slot(const char *name);
+extern void ck_target_release_others(List *names);
+extern void ck_target_set_connected(int slot, bool connected);
+extern void ck_target_set_error(int slot, const char *msg);
+extern void ck_target_count(int slot, const uint64 *add, bool delivered);
 
 #endif							/* CACHEKIT_H */

@@ -25,6 +25,7 @@
 #include "commands/sequence.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
+#include "nodes/value.h"
 #include "tcop/utility.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -46,6 +47,8 @@ static bool ck_index_values(Relation rel, IndexInfo *info, HeapTuple tuple, ESta
 
 PG_FUNCTION_INFO_V1(cachekit_delete);
 PG_FUNCTION_INFO_V1(cachekit_flush_tag);
+PG_FUNCTION_INFO_V1(cachekit_delete_in);
+PG_FUNCTION_INFO_V1(cachekit_flush_tag_in);
 PG_FUNCTION_INFO_V1(cachekit_wait);
 
 /* Transaction callback: wake the worker when enqueued work commits. */
@@ -185,12 +188,26 @@ ck_text_array(List *items)
 	return PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false, TYPALIGN_INT));
 }
 
+/*
+ * The targets an entry is owed to, as the queue's targets column holds
+ * them: NULL (0) for the default target alone, else a text[] of names.
+ */
+Datum
+ck_targets_array(List *names)
+{
+	if (names == NIL ||
+		(list_length(names) == 1 && strcmp(linitial(names), CK_DEFAULT_TARGET) == 0))
+		return (Datum) 0;
+	return ck_text_array(names);
+}
+
 /* the queue's columns, by name, as the direct insert fills them */
 static const char *const queue_columns[] = {
 	"id", "kind", "keys", "tags", "untags", "value", "ttl", "attempts",
-	"last_error", "enqueued_at"
+	"last_error", "enqueued_at", "targets"
 };
 #define CK_QUEUE_NCOLS lengthof(queue_columns)
+#define CK_QUEUE_OPTIONAL 10	/* from here on, a queue of 0.1.0 lacks them */
 
 /* where those columns are in the table, found once per queue table */
 static struct
@@ -218,6 +235,11 @@ ck_queue_layout(Relation rel, Oid nspid)
 			if (!TupleDescAttr(desc, a)->attisdropped &&
 				strcmp(NameStr(TupleDescAttr(desc, a)->attname), queue_columns[c]) == 0)
 				found = a + 1;
+		if (found == InvalidAttrNumber && c >= CK_QUEUE_OPTIONAL)
+		{
+			queue_layout.attnum[c] = InvalidAttrNumber;
+			continue;
+		}
 		if (found == InvalidAttrNumber)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_COLUMN),
@@ -320,7 +342,7 @@ ck_index_values(Relation rel, IndexInfo *info, HeapTuple tuple, EState **estate,
  */
 void
 ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
-		   const char *value, int ttl)
+		   const char *value, int ttl, Datum targets)
 {
 	Relation	rel = table_open(ck_queue_relid(nspid), RowExclusiveLock);
 	TupleDesc	desc = RelationGetDescr(rel);
@@ -346,6 +368,17 @@ ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
 	SET_COLUMN(7, Int32GetDatum(0));
 	/* 8: last_error stays NULL */
 	SET_COLUMN(9, TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()));
+	/* 10: targets, NULL for the default target alone */
+	if (targets != (Datum) 0)
+	{
+		if (queue_layout.attnum[10] == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("cachekit queue table has no column \"targets\""),
+					 errdetail("Named targets need the extension's version 0.2.0."),
+					 errhint("Run ALTER EXTENSION cachekit UPDATE.")));
+		SET_COLUMN(10, targets);
+	}
 #undef SET_COLUMN
 
 	tuple = heap_form_tuple(desc, values, nulls);
@@ -397,7 +430,7 @@ cachekit_delete(PG_FUNCTION_ARGS)
 	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
 
 	if (keys != NIL)
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, NIL, NIL, NULL, 0);
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, keys, NIL, NIL, NULL, 0, (Datum) 0);
 	PG_RETURN_VOID();
 }
 
@@ -409,7 +442,63 @@ cachekit_flush_tag(PG_FUNCTION_ARGS)
 	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
 
 	if (tags != NIL)
-		ck_enqueue(nspid, CK_KIND_INVALIDATE, NIL, tags, NIL, NULL, 0);
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, NIL, tags, NIL, NULL, 0, (Datum) 0);
+	PG_RETURN_VOID();
+}
+
+/*
+ * The targets argument of cachekit_delete_in and cachekit_flush_tag_in:
+ * checked names, each once; NULL or empty means the default target.
+ */
+static Datum
+ck_targets_arg(FunctionCallInfo fcinfo, int argno)
+{
+	List	   *names = NIL;
+	ListCell   *lc;
+
+	if (PG_ARGISNULL(argno))
+		return (Datum) 0;
+	foreach(lc, ck_array_to_list(PG_GETARG_ARRAYTYPE_P(argno), "targets"))
+	{
+		if (list_member(names, makeString(lfirst(lc))))
+			continue;
+		ck_target_check_name(lfirst(lc), "targets");
+		names = lappend(names, makeString(lfirst(lc)));
+	}
+	foreach(lc, names)
+		lfirst(lc) = strVal(lfirst(lc));
+	return ck_targets_array(names);
+}
+
+/* Queue the keys (or tags) of argument 1 for the targets of argument 0. */
+static void
+ck_enqueue_in(FunctionCallInfo fcinfo, bool tags)
+{
+	Datum		targets = ck_targets_arg(fcinfo, 0);
+	Oid			nspid = ck_extension_schema(fcinfo->flinfo);
+	List	   *items;
+
+	if (PG_ARGISNULL(1))
+		return;
+	items = ck_array_to_list(PG_GETARG_ARRAYTYPE_P(1), tags ? "tags" : "keys");
+	if (items != NIL)
+		ck_enqueue(nspid, CK_KIND_INVALIDATE, tags ? NIL : items, tags ? items : NIL,
+				   NIL, NULL, 0, targets);
+}
+
+/* cachekit_delete_in(targets text[], VARIADIC keys text[]): cachekit_delete for those targets. */
+Datum
+cachekit_delete_in(PG_FUNCTION_ARGS)
+{
+	ck_enqueue_in(fcinfo, false);
+	PG_RETURN_VOID();
+}
+
+/* cachekit_flush_tag_in(targets text[], VARIADIC tags text[]): cachekit_flush_tag for those targets. */
+Datum
+cachekit_flush_tag_in(PG_FUNCTION_ARGS)
+{
+	ck_enqueue_in(fcinfo, true);
 	PG_RETURN_VOID();
 }
 

@@ -70,8 +70,29 @@ typedef struct CkWriteItem
 	int			entry;
 } CkWriteItem;
 
-static dlist_head pending = DLIST_STATIC_INIT(pending);
+/*
+ * Each target of the worker has its own pending second deletes, sent on its
+ * own connection: pending and pending_bytes are the selected target's.
+ */
+static dlist_head pendings[CK_MAX_TARGETS];
+static Size pendings_bytes[CK_MAX_TARGETS];
+static dlist_head *pending = NULL;
 static Size pending_bytes = 0;
+static int	selected = 0;
+
+/* Make target number i (0 to CK_MAX_TARGETS - 1) the selected one. */
+void
+ck_redelete_select(int i)
+{
+	Assert(i >= 0 && i < CK_MAX_TARGETS);
+	if (pending == NULL)
+		for (int t = 0; t < CK_MAX_TARGETS; t++)
+			dlist_init(&pendings[t]);
+	pendings_bytes[selected] = pending_bytes;
+	selected = i;
+	pending = &pendings[i];
+	pending_bytes = pendings_bytes[i];
+}
 static MemoryContext redelete_cxt = NULL;	/* the pending batches */
 static MemoryContext send_cxt = NULL;	/* one sending, reset after it */
 
@@ -138,6 +159,8 @@ ck_redelete_remember(CkEntry *entries, int n)
 
 	if (ck_redelete_after <= 0)
 		return;
+	if (pending == NULL)
+		ck_redelete_select(0);
 	for (int i = 0; i < n; i++)
 	{
 		if (entries[i].failed || entries[i].kind == CK_KIND_WRITE)
@@ -181,7 +204,7 @@ ck_redelete_remember(CkEntry *entries, int n)
 	MemoryContextSwitchTo(old);
 	pfree(writes);
 	p->due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_redelete_after);
-	dlist_push_tail(&pending, &p->node);
+	dlist_push_tail(pending, &p->node);
 	pending_bytes += p->bytes;
 }
 
@@ -193,11 +216,11 @@ ck_redelete_next_ms(void)
 	long		secs;
 	int			usecs;
 
-	if (dlist_is_empty(&pending))
+	if (pending == NULL || dlist_is_empty(pending))
 		return -1;
 	if (pending_bytes > CK_REDELETE_MAX_BYTES)
 		return 0;
-	p = dlist_head_element(CkPending, node, &pending);
+	p = dlist_head_element(CkPending, node, pending);
 	TimestampDifference(GetCurrentTimestamp(),
 						TimestampTzPlusMilliseconds(p->due, CK_REDELETE_GATHER_MS),
 						&secs, &usecs);
@@ -238,7 +261,7 @@ ck_redelete_writes(CkConn *conn, int n, char **errmsg)
 	int			sent = 0;
 	int			done = 0;
 
-	dlist_foreach(it, &pending)
+	dlist_foreach(it, pending)
 	{
 		CkPending  *p = dlist_container(CkPending, node, it.cur);
 
@@ -285,12 +308,12 @@ ck_redelete_run_due(CkConn *conn, char **errmsg)
 	MemoryContext old;
 	bool		ok;
 
-	if (dlist_is_empty(&pending) ||
-		(!over && TimestampTzPlusMilliseconds(dlist_head_element(CkPending, node, &pending)->due,
+	if (pending == NULL || dlist_is_empty(pending) ||
+		(!over && TimestampTzPlusMilliseconds(dlist_head_element(CkPending, node, pending)->due,
 											  CK_REDELETE_GATHER_MS) > now))
 		return true;
 	/* every due batch; over the bound, at least the oldest one, early */
-	dlist_foreach(it, &pending)
+	dlist_foreach(it, pending)
 	{
 		if (dlist_container(CkPending, node, it.cur)->due > now && !(over && max == 0))
 			break;
@@ -303,7 +326,7 @@ ck_redelete_run_due(CkConn *conn, char **errmsg)
 										 ALLOCSET_DEFAULT_SIZES);
 	old = MemoryContextSwitchTo(send_cxt);
 	entries = palloc0(sizeof(CkEntry) * max);
-	dlist_foreach(it, &pending)
+	dlist_foreach(it, pending)
 	{
 		CkPending  *p = dlist_container(CkPending, node, it.cur);
 
@@ -331,7 +354,7 @@ ck_redelete_run_due(CkConn *conn, char **errmsg)
 	}
 	MemoryContextReset(send_cxt);
 	for (int i = 0; i < max; i++)
-		ck_pending_free(dlist_head_element(CkPending, node, &pending));
+		ck_pending_free(dlist_head_element(CkPending, node, pending));
 	/* over the bound still: the next loop runs at once */
 	return true;
 }

@@ -55,7 +55,16 @@ typedef struct CkTriggerConfig
 	AttrNumber *columns;
 	bool		columns_listed; /* write-through: columns= given */
 	TupleDesc	value_desc;		/* write-through: blessed row type of the value */
+	List	   *target_names;	/* target= names, each once (NIL: default) */
+	Datum		targets;		/* as the queue's targets column: 0 for default */
 } CkTriggerConfig;
+
+/* where a firing enqueues: the extension's schema, the trigger's targets */
+typedef struct CkQueueArg
+{
+	Oid			nspid;
+	Datum		targets;
+} CkQueueArg;
 
 static HTAB *trigger_configs = NULL;
 
@@ -218,6 +227,18 @@ ck_option_name(const char *arg, const char **rest)
 	return pnstrdup(arg, p - arg);
 }
 
+/* The trigger's targets as the queue stores them (built once per trigger). */
+static void
+ck_config_targets(CkTriggerConfig *cfg)
+{
+	List	   *names = NIL;
+	ListCell   *lc;
+
+	foreach(lc, cfg->target_names)
+		names = lappend(names, strVal(lfirst(lc)));
+	cfg->targets = ck_targets_array(names);
+}
+
 /* Parse a trigger's arguments into a new configuration. */
 static void
 ck_build_config(Relation rel, Trigger *tg, CkTriggerKind kind, CkTriggerConfig *cfg)
@@ -248,6 +269,14 @@ ck_build_config(Relation rel, Trigger *tg, CkTriggerKind kind, CkTriggerConfig *
 			if (tpl->has_columns && cfg->column_arg < 0)
 				cfg->column_arg = i;
 		}
+		else if (strcmp(opt, "target") == 0)
+		{
+			if (!ck_target_name_valid(rest))
+				ck_bad_argument(rel, tg, i, ERRCODE_INVALID_PARAMETER_VALUE,
+								"a target name is a lowercase identifier (a-z, 0-9, _)");
+			if (!list_member(cfg->target_names, makeString((char *) rest)))
+				cfg->target_names = lappend(cfg->target_names, makeString(pstrdup(rest)));
+		}
 		else if (kind == CK_TRIGGER_WRITE_THROUGH && strcmp(opt, "ttl") == 0)
 		{
 			char	   *end;
@@ -272,8 +301,8 @@ ck_build_config(Relation rel, Trigger *tg, CkTriggerKind kind, CkTriggerConfig *
 		else
 			ck_bad_argument(rel, tg, i, ERRCODE_INVALID_PARAMETER_VALUE,
 							psprintf(kind == CK_TRIGGER_INVALIDATE ?
-									 "unknown option \"%s=\" (%s takes key=, tag= or a bare key template)" :
-									 "unknown option \"%s=\" (%s takes key=, tag=, ttl= and columns=)",
+									 "unknown option \"%s=\" (%s takes key=, tag=, target= or a bare key template)" :
+									 "unknown option \"%s=\" (%s takes key=, tag=, ttl=, columns= and target=)",
 									 opt, fname));
 	}
 
@@ -291,6 +320,7 @@ ck_build_config(Relation rel, Trigger *tg, CkTriggerKind kind, CkTriggerConfig *
 				 errhint("Pass it as key=<template>, e.g. %s('key=product:{sku}', 'ttl=300').", fname)));
 	if (kind == CK_TRIGGER_WRITE_THROUGH)
 		ck_build_value_desc(rel, cfg);
+	ck_config_targets(cfg);
 }
 
 /*
@@ -920,12 +950,14 @@ ck_invalidate_statement(TriggerData *td, CkTriggerConfig *cfg, CkSink *sink)
 	MemoryContextDelete(chunk_cxt);
 }
 
-/* A sink that enqueues, in the extension's schema *(Oid *) arg. */
+/* A sink that enqueues, in the schema and for the targets of *(CkQueueArg *) arg. */
 static void
 ck_emit_queue(void *arg, char kind, List *keys, List *tags, List *untags,
 			  const char *value, int ttl)
 {
-	ck_enqueue(*(Oid *) arg, kind, keys, tags, untags, value, ttl);
+	CkQueueArg *q = arg;
+
+	ck_enqueue(q->nspid, kind, keys, tags, untags, value, ttl, q->targets);
 }
 
 /*
@@ -957,18 +989,22 @@ ck_invalidate_row(CkTriggerConfig *cfg, TupleTableSlot *oldslot,
 
 /*
  * The start of a firing: the checks, the parsed configuration, and a sink
- * that enqueues in the extension's schema (stored in the caller's *nspid).
+ * that enqueues in the extension's schema, for the trigger's targets (in
+ * the caller's *qarg).
  */
 static CkTriggerConfig *
-ck_fire_start(FunctionCallInfo fcinfo, CkTriggerKind kind, Oid *nspid, CkSink *sink)
+ck_fire_start(FunctionCallInfo fcinfo, CkTriggerKind kind, CkQueueArg *qarg, CkSink *sink)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
+	CkTriggerConfig *cfg;
 
 	ck_check_firing(fcinfo, kind);
-	*nspid = ck_extension_schema(fcinfo->flinfo);
+	qarg->nspid = ck_extension_schema(fcinfo->flinfo);
+	cfg = ck_get_config(td->tg_relation, td->tg_trigger, kind);
+	qarg->targets = cfg->targets;
 	sink->emit = ck_emit_queue;
-	sink->arg = nspid;
-	return ck_get_config(td->tg_relation, td->tg_trigger, kind);
+	sink->arg = qarg;
+	return cfg;
 }
 
 /*
@@ -984,10 +1020,10 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 	CkTriggerConfig *cfg;
 	TupleTableSlot *oldslot;
 	TupleTableSlot *newslot;
-	Oid			nspid;
+	CkQueueArg	qarg;
 	CkSink		sink;
 
-	cfg = ck_fire_start(fcinfo, CK_TRIGGER_INVALIDATE, &nspid, &sink);
+	cfg = ck_fire_start(fcinfo, CK_TRIGGER_INVALIDATE, &qarg, &sink);
 
 	/*
 	 * The configuration does not depend on the event that parsed it: a
@@ -1117,10 +1153,10 @@ cachekit_write_through(PG_FUNCTION_ARGS)
 	CkTriggerConfig *cfg;
 	TupleTableSlot *oldslot;
 	TupleTableSlot *newslot;
-	Oid			nspid;
+	CkQueueArg	qarg;
 	CkSink		sink;
 
-	cfg = ck_fire_start(fcinfo, CK_TRIGGER_WRITE_THROUGH, &nspid, &sink);
+	cfg = ck_fire_start(fcinfo, CK_TRIGGER_WRITE_THROUGH, &qarg, &sink);
 	ck_event_slots(td, &oldslot, &newslot);
 	ck_write_through_row(cfg, oldslot, newslot, &sink);
 	return PointerGetDatum(NULL);
@@ -1171,6 +1207,11 @@ ck_trigger_validate(Relation rel, Trigger *tg, CkTriggerKind kind)
 							tg->tgoldtable != NULL, tg->tgnewtable != NULL);
 	memset(&cfg, 0, sizeof(cfg));
 	ck_build_config(rel, tg, kind, &cfg);
+	/* a target not configured now: a warning (its entries wait for it) */
+	foreach(lc, cfg.target_names)
+		ck_target_check_name(strVal(lfirst(lc)),
+							 psprintf("trigger \"%s\" on table \"%s\"", tg->tgname,
+									  RelationGetRelationName(rel)));
 	if (TRIGGER_FOR_TRUNCATE(tg->tgtype) && cfg.column_arg >= 0)
 		ck_truncate_placeholders(rel, tg, cfg.column_arg);
 	for (int t = 0; t < cfg.nkeys + cfg.ntags; t++)

@@ -56,6 +56,58 @@ static int	nblocked = 0;
 static Size blocked_bytes = 0;
 static TimestampTz next_retry = 0;	/* earliest retry_at, or 0 */
 
+/*
+ * Each target of the worker (targets.c) has its own refused entries: the
+ * variables above are those of the selected target; the others wait here.
+ */
+typedef struct CkWaitingState
+{
+	MemoryContext cxt;
+	CkRetry    *retries;
+	int			nretries;
+	int64	   *skipped;
+	int			nskipped;
+	CkBlocked  *blocked;
+	int			nblocked;
+	Size		blocked_bytes;
+	TimestampTz next_retry;
+} CkWaitingState;
+
+static CkWaitingState saved[CK_MAX_TARGETS];
+static int	selected = 0;
+
+/* Make target number i (0 to CK_MAX_TARGETS - 1) the selected one. */
+void
+ck_waiting_select(int i)
+{
+	CkWaitingState *s;
+
+	Assert(i >= 0 && i < CK_MAX_TARGETS);
+	if (i == selected)
+		return;
+	s = &saved[selected];
+	s->cxt = waiting_cxt;
+	s->retries = retries;
+	s->nretries = nretries;
+	s->skipped = skipped;
+	s->nskipped = nskipped;
+	s->blocked = blocked;
+	s->nblocked = nblocked;
+	s->blocked_bytes = blocked_bytes;
+	s->next_retry = next_retry;
+	s = &saved[i];
+	waiting_cxt = s->cxt;
+	retries = s->retries;
+	nretries = s->nretries;
+	skipped = s->skipped;
+	nskipped = s->nskipped;
+	blocked = s->blocked;
+	nblocked = s->nblocked;
+	blocked_bytes = s->blocked_bytes;
+	next_retry = s->next_retry;
+	selected = i;
+}
+
 /* Order retries by id. */
 static int
 ck_retry_cmp(const void *a, const void *b)

@@ -72,10 +72,6 @@ typedef enum CkPass
 	CK_PASS_FAILED				/* Redis failed: back off */
 } CkPass;
 
-static bool redis_down = false;	/* logged the loss, not yet the return */
-static long idle_ms = CK_IDLE_TIMEOUT_MS;	/* the next idle sleep */
-static int	last_pass_entries = 0;	/* entries the last pass read */
-
 /*
  * The worker vacuums its queue itself once it has deleted this many entries
  * (and at most every CK_VACUUM_MIN_MS): at tens of thousands of entries a
@@ -92,19 +88,61 @@ static int64 deleted_since_vacuum = 0;
 static int64 deleted_since_shrink = 0;
 static TimestampTz last_vacuum = 0;
 
-static char *current_host = NULL;	/* for messages, without the password */
+/* a proposed read floor: entries up to last_id were read, under running vxids */
+typedef struct CkFloorCandidate
+{
+	bool		valid;
+	bool		mature;			/* all those transactions have ended */
+	int64		last_id;
+	int			nvxids;
+	VirtualTransactionId *vxids;
+} CkFloorCandidate;
 
 static char *my_datname = NULL;	/* the database served, for messages */
 static char *my_url_setting = NULL; /* its cachekit.redis_url, or NULL */
 
 static void ck_extension_gone(TimestampTz looked_at);
+static long ck_idle_ms(void);
 
 /*
- * Where Redis is (made from cachekit.redis_url, remade after a reload) and
- * the connection to it, NULL when there is none.
+ * One Redis target the worker delivers to (targets.c): "default", which is
+ * cachekit.redis_url, and those of cachekit.targets. Each has its own
+ * topology and connection, its own backoff, its own read floor, and (in
+ * waiting.c and redelete.c, selected with it) its own refused entries and
+ * second deletes, so that a target that fails holds back only itself.
  */
-static CkTopology *topology = NULL;
-static CkConn *redis = NULL;
+typedef struct CkTarget
+{
+	char	   *name;
+	char	   *url;
+	int			slot;			/* its shared state (targets.c), or -1 */
+	CkTopology *topology;		/* made from url, remade after a reload */
+	CkConn	   *redis;			/* the connection, NULL when there is none */
+	char	   *current_host;	/* for messages, without the password */
+	bool		redis_down;		/* logged the loss, not yet the return */
+	int			backoff_ms;
+	TimestampTz retry_at;		/* backing off until then, or 0 */
+	int			last_pass_entries;	/* entries its last pass read */
+	int64		read_floor;		/* see ck_propose_floor */
+	CkFloorCandidate cand;
+} CkTarget;
+
+static CkTarget targets[CK_MAX_TARGETS];
+static int	ntargets = 0;
+static long idle_ms = CK_IDLE_TIMEOUT_MS;	/* the next idle sleep */
+static TimestampTz round_began = 0; /* when the current round began */
+static CkTarget *cur = NULL;	/* the target being served */
+static int	cur_index = 0;
+
+/* Serve target i from now on. */
+static void
+ck_select_target(int i)
+{
+	cur = &targets[i];
+	cur_index = i;
+	ck_waiting_select(i);
+	ck_redelete_select(i);
+}
 
 /*
  * The longest wait between reconnection attempts through Sentinel (when
@@ -117,8 +155,8 @@ static CkConn *redis = NULL;
 static void
 ck_drop_connection(void)
 {
-	ck_conn_free(redis);
-	redis = NULL;
+	ck_conn_free(cur->redis);
+	cur->redis = NULL;
 }
 
 /* Exit callback: stop advertising our latch. */
@@ -130,31 +168,62 @@ ck_worker_exit(int code, Datum arg)
 	ck_shared->worker_pid = 0;
 	ck_shared->connected = false;
 	SpinLockRelease(&ck_shared->mutex);
-	ck_drop_connection();
+	for (int i = 0; i < ntargets; i++)
+	{
+		ck_conn_free(targets[i].redis);
+		targets[i].redis = NULL;
+	}
+	/* give the targets' shared slots back: a dropped database keeps none */
+	ck_target_release_others(NIL);
 }
 
-/* Publish whether we hold a Redis connection. */
+/*
+ * Publish whether the current target has a Redis connection; cachekit_stats
+ * says connected only while every target is.
+ */
 static void
 ck_set_connected(bool connected)
 {
+	bool		all = true;
+
+	ck_target_set_connected(cur->slot, connected);
+	for (int i = 0; i < ntargets; i++)
+		if (&targets[i] != cur && !ck_conn_usable(targets[i].redis))
+			all = false;
 	SpinLockAcquire(&ck_shared->mutex);
-	ck_shared->connected = connected;
+	ck_shared->connected = connected && all;
 	SpinLockRelease(&ck_shared->mutex);
+}
+
+/* Record the current target's error, named when there are several. */
+static void
+ck_set_target_error(const char *msg)
+{
+	ck_target_set_error(cur->slot, msg);
+	ck_set_last_error(ntargets > 1 ? psprintf("target \"%s\": %s", cur->name, msg) : msg);
 }
 
 /* Record a delivery failure: counters, last error, and one log line per outage. */
 static void
 ck_report_failure(const char *msg, bool connection)
 {
+	uint64		add[CK_TARGET_NCOUNTERS] = {0};
+
+	add[CK_TC_FAILED_ATTEMPTS] = 1;
+	ck_target_count(cur->slot, add, false);
 	pg_atomic_fetch_add_u64(&ck_shared->failed_attempts, 1);
-	ck_set_last_error(msg);
+	ck_set_target_error(msg);
 	if (connection)
 	{
 		ck_set_connected(false);
-		if (!redis_down)
+		if (!cur->redis_down && strcmp(cur->name, CK_DEFAULT_TARGET) == 0)
 			ereport(LOG,
 					(errmsg("cachekit worker cannot reach Redis, retrying with backoff: %s", msg)));
-		redis_down = true;
+		else if (!cur->redis_down)
+			ereport(LOG,
+					(errmsg("cachekit worker cannot reach Redis target \"%s\", retrying with backoff: %s",
+							cur->name, msg)));
+		cur->redis_down = true;
 	}
 }
 
@@ -170,16 +239,19 @@ ck_connect(void)
 	char	   *where = NULL;
 
 	ck_drop_connection();
-	if (topology == NULL)
-		topology = ck_topology_create(ck_redis_url, &err);
-	if (topology == NULL)
+	if (cur->topology == NULL)
+		cur->topology = ck_topology_create(cur->url, &err);
+	if (cur->topology == NULL)
 	{
-		ck_report_failure(psprintf("invalid cachekit.redis_url: %s", err), true);
+		ck_report_failure(cur == &targets[0] ?
+						  psprintf("invalid cachekit.redis_url: %s", err) :
+						  psprintf("invalid URL of target \"%s\" in cachekit.targets: %s", cur->name, err),
+						  true);
 		return false;
 	}
-	redis = ck_topology_connect(topology, &where, &err);
-	if (redis == NULL || !ck_deliver_prepare(redis, &err) ||
-		!ck_topology_replay(topology, redis, &err))
+	cur->redis = ck_topology_connect(cur->topology, &where, &err);
+	if (cur->redis == NULL || !ck_deliver_prepare(cur->redis, &err) ||
+		!ck_topology_replay(cur->topology, cur->redis, &err))
 	{
 		ck_drop_connection();
 		/* an attempt a reload cut short is no failure: it starts over now */
@@ -187,13 +259,19 @@ ck_connect(void)
 			ck_report_failure(err, true);
 		return false;
 	}
-	if (current_host)
-		pfree(current_host);
-	current_host = MemoryContextStrdup(TopMemoryContext, where);
-	ereport(LOG,
-			(errmsg(redis_down ? "cachekit worker reconnected to Redis at %s" :
-					"cachekit worker connected to Redis at %s", current_host)));
-	redis_down = false;
+	if (cur->current_host)
+		pfree(cur->current_host);
+	cur->current_host = MemoryContextStrdup(TopMemoryContext, where);
+	if (cur == &targets[0])
+		ereport(LOG,
+				(errmsg(cur->redis_down ? "cachekit worker reconnected to Redis at %s" :
+						"cachekit worker connected to Redis at %s", cur->current_host)));
+	else
+		ereport(LOG,
+				(errmsg(cur->redis_down ? "cachekit worker reconnected to Redis target \"%s\" at %s" :
+						"cachekit worker connected to Redis target \"%s\" at %s",
+						cur->name, cur->current_host)));
+	cur->redis_down = false;
 	ck_set_connected(true);
 	return true;
 }
@@ -210,7 +288,7 @@ ck_ensure_connection(void)
 	MemoryContext old;
 	bool		ok;
 
-	if (ck_conn_usable(redis))
+	if (ck_conn_usable(cur->redis))
 		return true;
 	if (connect_cxt == NULL)
 		connect_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit connect",
@@ -264,26 +342,34 @@ ck_fate(const CkEntry *e)
  * them on every pass. The floor skips them, and moves up only when that is
  * safe: an entry below it can only appear by the commit of a transaction
  * that was running when the entries above it were read, so the floor waits
- * until every transaction running at that read has ended.
+ * until every transaction running at that read has ended. Each target
+ * has its own floor (CkTarget.read_floor): entries other targets owe do not
+ * hold it back.
  */
-static int64 read_floor = 0;
 
-/* a proposed floor: entries up to last_id were read, under running vxids */
-static struct
+/*
+ * Tell cachekit_wait where no target owes anything below: the lowest floor
+ * of the targets.
+ */
+static void
+ck_publish_min_floor(Oid queue)
 {
-	bool		valid;
-	bool		mature;			/* all those transactions have ended */
-	int64		last_id;
-	int			nvxids;
-	VirtualTransactionId *vxids;
-} floor_candidate;
+	int64		floor = cur->read_floor;
 
-/* Forget the floor: read from the start of the queue again. */
+	for (int i = 0; i < ntargets; i++)
+		floor = Min(floor, targets[i].read_floor);
+	ck_publish_floor(queue, floor);
+}
+
+/* Forget the floor of every target: read from the start of the queue again. */
 static void
 ck_reset_floor(void)
 {
-	read_floor = 0;
-	floor_candidate.valid = false;
+	for (int i = 0; i < ntargets; i++)
+	{
+		targets[i].read_floor = 0;
+		targets[i].cand.valid = false;
+	}
 	ck_publish_floor(InvalidOid, 0);
 }
 
@@ -291,12 +377,12 @@ ck_reset_floor(void)
 static void
 ck_check_candidate(void)
 {
-	if (!floor_candidate.valid || floor_candidate.mature)
+	if (!cur->cand.valid || cur->cand.mature)
 		return;
-	for (int i = 0; i < floor_candidate.nvxids; i++)
-		if (!VirtualXactLock(floor_candidate.vxids[i], false))
+	for (int i = 0; i < cur->cand.nvxids; i++)
+		if (!VirtualXactLock(cur->cand.vxids[i], false))
 			return;
-	floor_candidate.mature = true;
+	cur->cand.mature = true;
 }
 
 /*
@@ -316,19 +402,19 @@ ck_propose_floor(Oid queue, int64 last_id)
 	LOCKTAG		tag;
 	int			n;
 
-	if (floor_candidate.valid)
+	if (cur->cand.valid)
 		return;
 	SET_LOCKTAG_RELATION(tag, MyDatabaseId, queue);
 	vxids = GetLockConflicts(&tag, ShareLock, &n);
-	if (floor_candidate.vxids)
-		pfree(floor_candidate.vxids);
-	floor_candidate.vxids = MemoryContextAlloc(TopMemoryContext,
+	if (cur->cand.vxids)
+		pfree(cur->cand.vxids);
+	cur->cand.vxids = MemoryContextAlloc(TopMemoryContext,
 											   sizeof(VirtualTransactionId) * (n + 1));
-	memcpy(floor_candidate.vxids, vxids, sizeof(VirtualTransactionId) * n);
-	floor_candidate.nvxids = n;
-	floor_candidate.last_id = last_id;
-	floor_candidate.mature = false;
-	floor_candidate.valid = true;
+	memcpy(cur->cand.vxids, vxids, sizeof(VirtualTransactionId) * n);
+	cur->cand.nvxids = n;
+	cur->cand.last_id = last_id;
+	cur->cand.mature = false;
+	cur->cand.valid = true;
 }
 
 /*
@@ -341,9 +427,9 @@ ck_advance_floor(Oid queue, CkEntry *entries, int n, bool covered)
 {
 	int64		floor;
 
-	if (!floor_candidate.valid || !floor_candidate.mature || !covered)
+	if (!cur->cand.valid || !cur->cand.mature || !covered)
 		return;
-	floor = floor_candidate.last_id + 1;
+	floor = cur->cand.last_id + 1;
 	for (int i = 0; i < n; i++)
 	{
 		CkFate		fate = ck_fate(&entries[i]);
@@ -355,9 +441,9 @@ ck_advance_floor(Oid queue, CkEntry *entries, int n, bool covered)
 	/* nor past an entry the read skipped (it waits for its retry) */
 	if (ck_waiting_nskipped() > 0)
 		floor = Min(floor, ck_waiting_min_skipped());
-	read_floor = Max(read_floor, floor);
-	floor_candidate.valid = false;
-	ck_publish_floor(queue, read_floor);
+	cur->read_floor = Max(cur->read_floor, floor);
+	cur->cand.valid = false;
+	ck_publish_min_floor(queue);
 }
 
 /* Start a transaction with SPI and a snapshot, as each unit of work needs. */
@@ -414,10 +500,14 @@ enum
 	CK_PLAN_DELETE_IDS,
 	CK_PLAN_RETRY,
 	CK_PLAN_DEAD,
+	CK_PLAN_UNOWE,
+	CK_PLAN_DEAD_COPY,
+	CK_PLAN_SWEEP,
 	CK_NPLANS
 };
 
 static SPIPlanPtr plans[CK_NPLANS];
+static TimestampTz last_sweep = 0;	/* see ck_sweep_unconfigured */
 static Oid	plans_ext = InvalidOid;	/* the extension they were made for */
 static Oid	plans_queue = InvalidOid;	/* and its queue table */
 
@@ -433,8 +523,15 @@ ck_free_plans(void)
 	}
 	plans_ext = InvalidOid;
 	plans_queue = InvalidOid;
+	/* new plans: the sweep runs (and plans itself) in the first round */
+	last_sweep = 0;
 	ck_reset_floor();
-	ck_waiting_forget();
+	for (int i = 0; i < ntargets; i++)
+	{
+		ck_waiting_select(i);
+		ck_waiting_forget();
+	}
+	ck_waiting_select(cur_index);
 }
 
 /* Prepare and keep one statement. */
@@ -451,6 +548,58 @@ ck_keep_plan(const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
+ * The statements for an entry owed to several targets: one of them is done
+ * with it (delivered, or dead-lettered for that target alone), the others
+ * still owe it.
+ */
+static void
+ck_make_target_plans(const char *schema)
+{
+	Oid			unowe_types[2] = {INT8ARRAYOID, TEXTOID};
+	Oid			dead_types[3] = {INT8ARRAYOID, TEXTARRAYOID, TEXTOID};
+	Oid			sweep_types[2] = {TEXTARRAYOID, FLOAT8OID};
+
+	plans[CK_PLAN_UNOWE] = ck_keep_plan(
+		psprintf("UPDATE %s.%s q SET targets = pg_catalog.array_remove("
+				 "coalesce(q.targets, ARRAY['" CK_DEFAULT_TARGET "'::pg_catalog.text]), $2) "
+				 "WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)",
+				 schema, CK_QUEUE_TABLE), 2, unowe_types);
+	plans[CK_PLAN_DEAD_COPY] = ck_keep_plan(
+		psprintf("INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, "
+				 "enqueued_at, first_refused_at, target) "
+				 "SELECT q.id, q.kind, q.keys, q.tags, q.untags, q.value, q.ttl, "
+				 "q.attempts OPERATOR(pg_catalog.+) 1, u.err, q.enqueued_at, "
+				 "coalesce(q.first_refused_at, pg_catalog.now()), $3 "
+				 "FROM %s.%s q, ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
+				 "WHERE q.id OPERATOR(pg_catalog.=) u.id",
+				 schema, CK_DEAD_TABLE, schema, CK_QUEUE_TABLE), 3, dead_types);
+	plans[CK_PLAN_SWEEP] = ck_keep_plan(
+		psprintf("WITH victims AS ("
+				 " SELECT q.id, pg_catalog.array_agg(t.name) AS names"
+				 " FROM %s.%s q, pg_catalog.unnest(q.targets) AS t(name)"
+				 " WHERE q.targets IS NOT NULL"
+				 " AND q.enqueued_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $2))"
+				 " AND t.name OPERATOR(pg_catalog.<>) ALL ($1)"
+				 " GROUP BY q.id LIMIT 10000"
+				 "), dead AS ("
+				 " INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error,"
+				 " enqueued_at, first_refused_at, target)"
+				 " SELECT q.id, q.kind, q.keys, q.tags, q.untags, q.value, q.ttl, q.attempts,"
+				 " pg_catalog.format('target \"%%s\" is not configured in cachekit.targets', n.name),"
+				 " q.enqueued_at, pg_catalog.now(), n.name"
+				 " FROM victims v JOIN %s.%s q ON q.id OPERATOR(pg_catalog.=) v.id,"
+				 " pg_catalog.unnest(v.names) AS n(name)"
+				 " ON CONFLICT DO NOTHING"
+				 ") UPDATE %s.%s q SET targets = COALESCE((SELECT pg_catalog.array_agg(x)"
+				 " FROM pg_catalog.unnest(q.targets) AS x WHERE x OPERATOR(pg_catalog.<>) ALL (v.names)),"
+				 " '{}'::pg_catalog.text[])"
+				 " FROM victims v WHERE q.id OPERATOR(pg_catalog.=) v.id"
+				 " RETURNING q.id, pg_catalog.cardinality(q.targets)",
+				 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE, schema, CK_QUEUE_TABLE,
+				 schema, CK_QUEUE_TABLE), 2, sweep_types);
+}
+
+/*
  * Prepare the worker's statements for the queue of the extension in the
  * (quoted) schema. A queue still of 0.1.0 (the library updated, ALTER
  * EXTENSION UPDATE not run yet) has no first_refused_at: the statements do
@@ -463,14 +612,18 @@ ck_make_plans(const char *schema, Oid queue)
 	Oid			read_types[2] = {INT8OID, INT8OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	Oid			tid_types[2] = {TIDARRAYOID, INT8OID};
+	Oid			dead_types[3] = {INT8ARRAYOID, TEXTARRAYOID, TEXTOID};
 	bool		has_first = OidIsValid(queue) &&
 		get_attnum(queue, "first_refused_at") != InvalidAttrNumber;
+	bool		has_targets = OidIsValid(queue) &&
+		get_attnum(queue, "targets") != InvalidAttrNumber;
 
 	plans[CK_PLAN_READ] = ck_keep_plan(
-		psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid, %s "
+		psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid, %s, %s "
 				 "FROM %s.%s WHERE id OPERATOR(pg_catalog.>=) $1 "
 				 "ORDER BY id USING OPERATOR(pg_catalog.<) LIMIT $2",
 				 has_first ? "first_refused_at" : "NULL::pg_catalog.timestamptz",
+				 has_targets ? "targets" : "NULL::pg_catalog.text[]",
 				 schema, CK_QUEUE_TABLE), 2, read_types);
 	/*
 	 * Delivered entries go by ctid, without an index lookup each. The ids
@@ -499,13 +652,16 @@ ck_make_plans(const char *schema, Oid queue)
 				 "USING ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, err) "
 				 "WHERE q.id OPERATOR(pg_catalog.=) u.id RETURNING q.*, u.err) "
 				 "INSERT INTO %s.%s (id, kind, keys, tags, untags, value, ttl, attempts, error, "
-				 "enqueued_at%s) "
+				 "enqueued_at%s%s) "
 				 "SELECT id, kind, keys, tags, untags, value, ttl, "
-				 "attempts OPERATOR(pg_catalog.+) 1, err, enqueued_at%s FROM moved",
+				 "attempts OPERATOR(pg_catalog.+) 1, err, enqueued_at%s%s FROM moved",
 				 schema, CK_QUEUE_TABLE, schema, CK_DEAD_TABLE,
-				 has_first ? ", first_refused_at" : "",
-				 has_first ? ", coalesce(first_refused_at, pg_catalog.now())" : ""),
-		2, ids_types);
+				 has_first ? ", first_refused_at" : "", has_targets ? ", target" : "",
+				 has_first ? ", coalesce(first_refused_at, pg_catalog.now())" : "",
+				 has_targets ? ", $3" : ""),
+		has_targets ? 3 : 2, dead_types);
+	if (has_targets)
+		ck_make_target_plans(schema);
 }
 
 /*
@@ -611,7 +767,33 @@ ck_copy_entry(HeapTuple tup, TupleDesc desc, CkEntry *e)
 	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 9, &isnull)), &e->ctid);
 	d = SPI_getbinval(tup, desc, 10, &isnull);
 	e->first_refused_at = isnull ? 0 : DatumGetTimestampTz(d);
+	d = SPI_getbinval(tup, desc, 11, &isnull);
+	e->ntargets = isnull ? 0 : ck_copy_text_array(d, &e->targets, &bytes);
 	return bytes;
+}
+
+/*
+ * Is the entry in this row of the read owed to the current target? A NULL
+ * targets column is the default target alone.
+ */
+static bool
+ck_owed_here(HeapTuple tup, TupleDesc desc)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, desc, 11, &isnull);
+	ArrayType  *arr;
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	bool		owed = false;
+
+	if (isnull)
+		return cur == &targets[0];
+	arr = DatumGetArrayTypeP(d);
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+	for (int i = 0; i < n && !owed; i++)
+		owed = !nulls[i] && strcmp(TextDatumGetCString(elems[i]), cur->name) == 0;
+	return owed;
 }
 
 /* rows fetched from the read cursor at a time (values stay toasted until copied) */
@@ -627,17 +809,20 @@ ck_copy_entry(HeapTuple tup, TupleDesc desc, CkEntry *e)
  * stopped at a limit (there may be more).
  */
 static int
-ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full)
+ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 *last_read)
 {
+	int64		fetched = 0;
+	int64		limit = (int64) ck_batch_size + ck_waiting_nskipped();
 	Datum		args[2];
 	Portal		portal;
 	CkEntry    *entries;
 	int			n = 0;
 	Size		bytes = 0;
 
-	args[0] = Int64GetDatum(read_floor);
+	args[0] = Int64GetDatum(cur->read_floor);
 	/* entries waiting for their retry are skipped (waiting.c) */
-	args[1] = Int64GetDatum((int64) ck_batch_size + ck_waiting_nskipped());
+	args[1] = Int64GetDatum(limit);
+	*last_read = 0;
 	portal = SPI_cursor_open(NULL, plans[CK_PLAN_READ], args, NULL, true);
 	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
 	*full = false;
@@ -650,9 +835,14 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full)
 		{
 			MemoryContext old;
 			bool		isnull;
+			int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+														 SPI_tuptable->tupdesc, 1, &isnull));
 
-			if (ck_waiting_skips(DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
-															 SPI_tuptable->tupdesc, 1, &isnull))))
+			fetched++;
+			*last_read = id;
+			/* entries this target does not owe, or that wait for their retry */
+			if (!ck_owed_here(SPI_tuptable->vals[i], SPI_tuptable->tupdesc) ||
+				ck_waiting_skips(id))
 				continue;
 			old = MemoryContextSwitchTo(batch_cxt);
 			bytes += ck_copy_entry(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &entries[n++]);
@@ -667,21 +857,38 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full)
 		SPI_freetuptable(SPI_tuptable);
 	}
 	SPI_cursor_close(portal);
-	if (n >= ck_batch_size)
+	if (n >= ck_batch_size || fetched >= limit)
 		*full = true;
 	*entries_out = entries;
 	return n;
 }
 
-/* Build a bigint[] of the ids of the entries with a given fate. */
+/* Does no other target than the current one still owe this entry? */
+static bool
+ck_owed_here_only(const CkEntry *e)
+{
+	return e->ntargets <= 1;
+}
+
+/*
+ * Does the entry have this fate, and is the current target the last one
+ * to owe it (last 1), or are there others (last 0), or either (last -1)?
+ */
+static bool
+ck_fate_is(const CkEntry *e, CkFate fate, int last)
+{
+	return ck_fate(e) == fate && (last < 0 || ck_owed_here_only(e) == (last == 1));
+}
+
+/* Build a bigint[] of the ids of the entries with a given fate (see ck_fate_is). */
 static Datum
-ck_id_array(CkEntry *entries, int n, CkFate fate, int *count)
+ck_id_array(CkEntry *entries, int n, CkFate fate, int last, int *count)
 {
 	Datum	   *ids = palloc(sizeof(Datum) * (n + 1));
 	int			k = 0;
 
 	for (int i = 0; i < n; i++)
-		if (ck_fate(&entries[i]) == fate)
+		if (ck_fate_is(&entries[i], fate, last))
 			ids[k++] = Int64GetDatum(entries[i].id);
 	*count = k;
 	return PointerGetDatum(construct_array(ids, k, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
@@ -689,22 +896,23 @@ ck_id_array(CkEntry *entries, int n, CkFate fate, int *count)
 
 /* Build a text[] of the errors of the entries with a given fate, in id order. */
 static Datum
-ck_error_array(CkEntry *entries, int n, CkFate fate)
+ck_error_array(CkEntry *entries, int n, CkFate fate, int last)
 {
 	Datum	   *errs = palloc(sizeof(Datum) * (n + 1));
 	int			k = 0;
 
 	for (int i = 0; i < n; i++)
-		if (ck_fate(&entries[i]) == fate)
+		if (ck_fate_is(&entries[i], fate, last))
 			errs[k++] = CStringGetTextDatum(entries[i].error ? entries[i].error : "refused");
 	return PointerGetDatum(construct_array(errs, k, TEXTOID, -1, false, TYPALIGN_INT));
 }
 
-/* Run one kept statement with an id array and optionally an error array. */
+/* Run one kept statement with an id array and optionally an error array (or a target name). */
 static void
 ck_exec_ids(int plan, Datum ids, Datum errs, int expected)
 {
-	Datum		args[2] = {ids, errs};
+	/* the dead-letter statements take the target as $3 */
+	Datum		args[3] = {ids, errs, CStringGetTextDatum(cur->name)};
 	int			rc;
 
 	rc = SPI_execute_plan(plans[plan], args, NULL, false, 0);
@@ -743,7 +951,7 @@ ck_delete_delivered(CkEntry *entries, int n, Datum ids, Oid read_filenode)
 	}
 	for (int i = 0; i < n; i++)
 	{
-		if (ck_fate(&entries[i]) != CK_FATE_DELIVERED)
+		if (!ck_fate_is(&entries[i], CK_FATE_DELIVERED, 1))
 			continue;
 		tids[k++] = PointerGetDatum(&entries[i].ctid);
 		max_id = Max(max_id, entries[i].id);
@@ -764,22 +972,40 @@ ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 {
 	Datum		ids;
 	int			count;
+	int			others;
+	uint64		add[CK_TARGET_NCOUNTERS] = {0};
 
-	ids = ck_id_array(entries, n, CK_FATE_DELIVERED, &count);
+	ids = ck_id_array(entries, n, CK_FATE_DELIVERED, 1, &count);
 	if (count > 0)
 		ck_delete_delivered(entries, n, ids, read_filenode);
+	/* other targets still owe these: only this one is done with them */
+	ids = ck_id_array(entries, n, CK_FATE_DELIVERED, 0, &others);
+	if (others > 0)
+		ck_exec_ids(CK_PLAN_UNOWE, ids, CStringGetTextDatum(cur->name), SPI_OK_UPDATE);
+	count += others;
 	deleted_since_vacuum += count;
 	deleted_since_shrink += count;
 	pg_atomic_fetch_add_u64(&ck_shared->entries_delivered, count);
+	add[CK_TC_ENTRIES_DELIVERED] = count;
 
-	ids = ck_id_array(entries, n, CK_FATE_RETRY, &count);
+	ids = ck_id_array(entries, n, CK_FATE_RETRY, -1, &count);
 	if (count > 0)
-		ck_exec_ids(CK_PLAN_RETRY, ids, ck_error_array(entries, n, CK_FATE_RETRY), SPI_OK_UPDATE);
+		ck_exec_ids(CK_PLAN_RETRY, ids, ck_error_array(entries, n, CK_FATE_RETRY, -1), SPI_OK_UPDATE);
 
-	ids = ck_id_array(entries, n, CK_FATE_DEAD, &count);
+	ids = ck_id_array(entries, n, CK_FATE_DEAD, 1, &count);
+	if (count > 0)
+		ck_exec_ids(CK_PLAN_DEAD, ids, ck_error_array(entries, n, CK_FATE_DEAD, 1), SPI_OK_INSERT);
+	ids = ck_id_array(entries, n, CK_FATE_DEAD, 0, &others);
+	if (others > 0)
+	{
+		ck_exec_ids(CK_PLAN_DEAD_COPY, ids, ck_error_array(entries, n, CK_FATE_DEAD, 0), SPI_OK_INSERT);
+		ck_exec_ids(CK_PLAN_UNOWE, ids, CStringGetTextDatum(cur->name), SPI_OK_UPDATE);
+	}
+	count += others;
+	add[CK_TC_DEAD_LETTERED] = count;
+	ck_target_count(cur->slot, add, false);
 	if (count > 0)
 	{
-		ck_exec_ids(CK_PLAN_DEAD, ids, ck_error_array(entries, n, CK_FATE_DEAD), SPI_OK_INSERT);
 		pg_atomic_fetch_add_u64(&ck_shared->dead_lettered, count);
 		for (int i = 0; i < n; i++)
 			if (ck_fate(&entries[i]) == CK_FATE_DEAD)
@@ -787,7 +1013,8 @@ ck_settle_batch(CkEntry *entries, int n, Oid read_filenode)
 						(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 						 errmsg("cachekit moved queue entry %lld to %s after %d refusals",
 								(long long) entries[i].id, CK_DEAD_TABLE, entries[i].attempts + 1),
-						 errdetail("Redis answered: %s", entries[i].error)));
+						 errdetail("Redis answered: %s", entries[i].error),
+						 ntargets > 1 ? errcontext("Redis target \"%s\"", cur->name) : 0));
 	}
 }
 
@@ -842,13 +1069,48 @@ ck_publish_stats(const CkDeliveryStats *stats)
 	SpinLockAcquire(&ck_shared->mutex);
 	ck_shared->last_delivery_at = GetCurrentTimestamp();
 	SpinLockRelease(&ck_shared->mutex);
+	{
+		uint64		add[CK_TARGET_NCOUNTERS] = {0};
+
+		add[CK_TC_KEYS_DELETED] = stats->keys_deleted;
+		add[CK_TC_TAGS_FLUSHED] = stats->tags_flushed;
+		add[CK_TC_TAG_KEYS_DELETED] = stats->tag_keys_deleted;
+		add[CK_TC_KEYS_WRITTEN] = stats->keys_written;
+		ck_target_count(cur->slot, add, true);
+	}
 	ConditionVariableBroadcast(&ck_shared->delivered_cv);
 }
 
-/* One pass: read a batch, deliver it, settle it. */
+/*
+ * The end of a pass that read nothing the current target owes (installed:
+ * the extension is).
+ */
 static CkPass
-ck_pass(MemoryContext batch_cxt)
+ck_pass_nothing(bool installed, bool full, int64 floor_before, bool *drained)
 {
+	/* nothing committed before this pass's snapshot waits */
+	*drained = installed && ck_waiting_idle() && !full;
+	/*
+	 * connect while idle too, so cachekit_stats tells whether Redis is up;
+	 * with several targets, one that is down backs off, so that its
+	 * attempts do not cost the others' rounds
+	 */
+	if (installed && !ck_conn_usable(cur->redis) && !ck_ensure_connection() &&
+		ntargets > 1)
+		return CK_PASS_FAILED;
+	/* a full read of others' entries moved the floor: read on at once */
+	return full && cur->read_floor > floor_before ? CK_PASS_MORE : CK_PASS_IDLE;
+}
+
+/*
+ * One pass for the current target: read a batch of the entries it owes,
+ * deliver it, settle it. *drained says whether it left nothing committed
+ * before the pass's snapshot undelivered to this target.
+ */
+static CkPass
+ck_pass(MemoryContext batch_cxt, bool *drained)
+{
+	int64		last_read = 0;
 	CkEntry    *entries = NULL;
 	int			n = 0;
 	Oid			batch_ext;
@@ -863,45 +1125,37 @@ ck_pass(MemoryContext batch_cxt)
 	int			skipped = 0;
 	bool		ok;
 	MemoryContext old;
-	uint64		pass_no;
 	bool		batch_settled;
-	TimestampTz began;
+	int64		floor_before = cur->read_floor;
 
-	/* commits from now on must wake us again: their work may miss this read */
-	began = GetCurrentTimestamp();
-	pg_atomic_write_u32(&ck_shared->wake_requested, 0);
-	/* and this pass's snapshot is taken after the count says it began */
-	pass_no = pg_atomic_add_fetch_u64(&ck_shared->passes, 1);
-
+	*drained = false;
 	ck_begin("reading queue");
 	ck_waiting_start_pass();
 	skipped = ck_waiting_nskipped();
 	if (ck_prepare_plans())
-		n = ck_read_batch(batch_cxt, &entries, &full);
+		n = ck_read_batch(batch_cxt, &entries, &full, &last_read);
 	batch_ext = plans_ext;
-	last_pass_entries = n;
+	cur->last_pass_entries = n;
 	read_filenode = OidIsValid(plans_queue) ? ck_queue_filenode() : InvalidOid;
 	/* did this read see every entry up to a matured floor candidate? */
-	covered = floor_candidate.valid && floor_candidate.mature &&
-		(!full || entries[n - 1].id >= floor_candidate.last_id);
-	if (n > 0)
-		ck_propose_floor(plans_queue, entries[n - 1].id);
+	covered = cur->cand.valid && cur->cand.mature &&
+		(!full || last_read >= cur->cand.last_id);
+	if (n == 0 && last_read > 0)
+	{
+		/* it read only entries other targets owe: step over them */
+		ck_advance_floor(plans_queue, NULL, 0, covered);
+		ck_propose_floor(plans_queue, last_read);
+	}
+	else if (n > 0)
+		ck_propose_floor(plans_queue, last_read);
 	ck_commit();
 	/* what is left of this pass is made in batch_cxt, reset after each pass */
 	MemoryContextSwitchTo(batch_cxt);
 
 	if (!OidIsValid(batch_ext))
-		ck_extension_gone(began);
+		ck_extension_gone(round_began);
 	if (n == 0)
-	{
-		/* nothing committed before this pass's snapshot waits */
-		if (OidIsValid(batch_ext) && ck_waiting_idle())
-			ck_publish_drained(plans_queue, pass_no);
-		/* connect while idle too, so cachekit_stats tells whether Redis is up */
-		if (OidIsValid(batch_ext) && !ck_conn_usable(redis))
-			(void) ck_ensure_connection();
-		return CK_PASS_IDLE;
-	}
+		return ck_pass_nothing(OidIsValid(batch_ext), full, floor_before, drained);
 
 	/* Redis round trips, with no transaction open */
 	old = MemoryContextSwitchTo(batch_cxt);
@@ -912,10 +1166,10 @@ ck_pass(MemoryContext batch_cxt)
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
 	ck_waiting_hold(entries, n);
-	ok = ck_deliver(redis, entries, n, &stats, &err);
+	ok = ck_deliver(cur->redis, entries, n, &stats, &err);
 	/* through Sentinel: the replicas have it too, or a failover could lose it */
 	if (ok)
-		ok = ck_topology_sync(redis, &err);
+		ok = ck_topology_sync(cur->redis, &err);
 	if (!ok)
 	{
 		MemoryContextSwitchTo(old);
@@ -940,7 +1194,7 @@ ck_pass(MemoryContext batch_cxt)
 	{
 		ck_settle_batch(entries, n, read_filenode);
 		/* through Sentinel, a failover may lose them: remember them a while */
-		ck_topology_note_delivered(topology, entries, n);
+		ck_topology_note_delivered(cur->topology, entries, n);
 		ck_advance_floor(plans_queue, entries, n, covered);
 		/*
 		 * Propose the next floor at once (the lockers looked at now came
@@ -950,14 +1204,13 @@ ck_pass(MemoryContext batch_cxt)
 		 * snapshot (one in cachekit_wait, say) keeps them from being
 		 * pruned.
 		 */
-		ck_propose_floor(plans_queue, entries[n - 1].id);
+		ck_propose_floor(plans_queue, last_read);
 		ck_update_waiting(entries, n);
 	}
 	ck_commit();
 	MemoryContextSwitchTo(batch_cxt);
 	/* a short batch with nothing left behind: the queue is drained up to it */
-	if (batch_settled && !full && !refused && !transient && ck_waiting_idle())
-		ck_publish_drained(plans_queue, pass_no);
+	*drained = batch_settled && !full && !refused && !transient && ck_waiting_idle();
 	ck_redelete_remember(entries, n);	/* cachekit.redelete_after */
 
 	ck_publish_stats(&stats);
@@ -982,7 +1235,7 @@ ck_pass(MemoryContext batch_cxt)
 	 * batch is followed at once by the next if this one settled entries or
 	 * found more to skip (both bounded), never just to hold the same ones.
 	 */
-	last_pass_entries = settled;
+	cur->last_pass_entries = settled;
 	return full && (settled > 0 || ck_waiting_nskipped() > skipped) ? CK_PASS_MORE : CK_PASS_IDLE;
 }
 
@@ -1063,6 +1316,64 @@ ck_maybe_shrink(void)
 	ck_vacuum_queue(plans_queue, true);
 }
 
+/* how often entries owed to targets that are not configured are looked for */
+#define CK_SWEEP_MS 10000
+
+/*
+ * Entries owed to a target that is not configured (named by a trigger or a
+ * call before cachekit.targets had it, or after it was removed) wait for
+ * it, as the setting is reloadable, and cachekit_target_stats shows them.
+ * Once cachekit.dead_letter_after old, such an entry moves to the dead
+ * letters for that target, with the reason; the other targets it names
+ * keep it. Looked for every CK_SWEEP_MS.
+ */
+static void
+ck_sweep_unconfigured(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Datum	   *names;
+	Datum		args[2];
+	int			rc;
+
+	if (!TimestampDifferenceExceeds(last_sweep, now, CK_SWEEP_MS))
+		return;
+	last_sweep = now;
+	names = palloc(sizeof(Datum) * ntargets);
+	for (int i = 0; i < ntargets; i++)
+		names[i] = CStringGetTextDatum(targets[i].name);
+	args[0] = PointerGetDatum(construct_array(names, ntargets, TEXTOID, -1, false, TYPALIGN_INT));
+	args[1] = Float8GetDatum((double) ck_dead_letter_after);
+	ck_begin("dead-lettering entries of targets not configured");
+	if (ck_prepare_plans() && plans[CK_PLAN_SWEEP] != NULL)
+	{
+		Datum	   *gone;
+		int			ngone = 0;
+
+		rc = SPI_execute_plan(plans[CK_PLAN_SWEEP], args, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE_RETURNING)
+			elog(ERROR, "cachekit worker could not update its queue: %s", SPI_result_code_string(rc));
+		gone = palloc(sizeof(Datum) * (SPI_processed + 1));
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			bool		isnull;
+
+			if (DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull)) == 0)
+				gone[ngone++] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
+		}
+		if (SPI_processed > 0)
+			ereport(WARNING,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("cachekit moved %llu queue entries to %s for targets that are not configured",
+							(unsigned long long) SPI_processed, CK_DEAD_TABLE),
+					 errhint("Add the targets to cachekit.targets, reload, and replay them with cachekit_replay_dead_letters().")));
+		if (ngone > 0)
+			ck_exec_ids(CK_PLAN_DELETE_IDS,
+						PointerGetDatum(construct_array(gone, ngone, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE)),
+						(Datum) 0, SPI_OK_DELETE);
+	}
+	ck_commit();
+}
+
 /*
  * A pass that survives its own errors (the queue table dropped under it,
  * say): the error is logged, the transaction rolled back, and the pass
@@ -1070,19 +1381,23 @@ ck_maybe_shrink(void)
  * restarted over and over.
  */
 static CkPass
-ck_pass_guarded(MemoryContext batch_cxt)
+ck_pass_guarded(MemoryContext batch_cxt, bool *drained)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	CkPass		result;
 
+	*drained = false;
 	PG_TRY();
 	{
 		char	   *err = NULL;
 
-		result = ck_pass(batch_cxt);
+		result = ck_pass(batch_cxt, drained);
+		/* once per round: entries of targets that are not configured */
+		if (cur_index == 0)
+			ck_sweep_unconfigured();
 		/* second deletes that are due (redelete.c), on the pass's connection */
-		if (result != CK_PASS_FAILED && ck_conn_usable(redis) &&
-			!ck_redelete_run_due(redis, &err))
+		if (result != CK_PASS_FAILED && ck_conn_usable(cur->redis) &&
+			!ck_redelete_run_due(cur->redis, &err))
 		{
 			ck_report_failure(err, true);
 			ck_drop_connection();
@@ -1183,6 +1498,195 @@ ck_pin_settings(void)
 }
 
 /*
+ * The targets as the settings say now: "default" (cachekit.redis_url) and
+ * those of cachekit.targets, each with no connection yet and no backoff.
+ * Their shared state slots (targets.c) are claimed; those of targets no
+ * longer named are given back.
+ */
+static void
+ck_load_targets(void)
+{
+	List	   *names = NIL;
+	List	   *urls = NIL;
+	char	   *err = NULL;
+	List	   *all;
+	ListCell   *ln,
+			   *lu;
+	int			i = 0;
+	char	   *was_down[CK_MAX_TARGETS];	/* targets whose loss was logged */
+	int			nwas_down = 0;
+
+	for (int t = 0; t < ntargets; t++)
+	{
+		ck_conn_free(targets[t].redis);
+		ck_topology_free(targets[t].topology);
+		if (targets[t].cand.vxids)
+			pfree(targets[t].cand.vxids);
+		if (targets[t].redis_down)
+			was_down[nwas_down++] = targets[t].name;
+	}
+	memset(targets, 0, sizeof(targets));
+	/* the check hook accepted it; parse in the worker's long-lived memory */
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		if (!ck_targets_parse(ck_targets, &names, &urls, &err))
+			names = urls = NIL;
+		all = lcons(pstrdup(CK_DEFAULT_TARGET), list_copy(names));
+		targets[i].name = linitial(all);
+		targets[i].url = pstrdup(ck_redis_url);
+		i++;
+		forboth(ln, names, lu, urls)
+		{
+			targets[i].name = lfirst(ln);
+			targets[i].url = lfirst(lu);
+			i++;
+		}
+		MemoryContextSwitchTo(old);
+	}
+	ntargets = i;
+	for (int t = 0; t < ntargets; t++)
+	{
+		targets[t].slot = ck_target_slot(targets[t].name);
+		/* an outage logged before the reload ends with one "reconnected" line */
+		for (int d = 0; d < nwas_down; d++)
+			if (strcmp(was_down[d], targets[t].name) == 0)
+				targets[t].redis_down = true;
+	}
+	ck_target_release_others(all);
+	ck_select_target(0);
+	for (int t = 0; t < ntargets; t++)
+	{
+		ck_select_target(t);
+		ck_set_connected(false);
+	}
+	ck_select_target(0);
+}
+
+/* Back the current target off after a failed pass: capped, doubling. */
+static void
+ck_back_off(void)
+{
+	cur->backoff_ms = cur->backoff_ms == 0 ? CK_FIRST_RETRY_MS :
+		Min(cur->backoff_ms * 2, ck_retry_max_delay);
+	cur->backoff_ms = Min(cur->backoff_ms, ck_retry_max_delay);
+	if (cur->redis == NULL && cur->topology != NULL &&
+		cur->topology->url.kind == CK_REDIS_SENTINEL)
+		cur->backoff_ms = Min(cur->backoff_ms, CK_SENTINEL_RETRY_MS);
+	cur->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), cur->backoff_ms);
+}
+
+/*
+ * One round: a pass for each target that is not backing off, each on its
+ * own connection, so that a target that fails or refuses holds back only
+ * itself. This is the one place that runs delivery per target. The round
+ * counts as one pass for cachekit_wait: drained when every target was.
+ */
+static CkPass
+ck_round(MemoryContext batch_cxt)
+{
+	uint64		pass_no;
+	bool		all_drained = true;
+	CkPass		round = CK_PASS_IDLE;
+	bool		any_due = false;
+	TimestampTz now = GetCurrentTimestamp();
+	bool		was_down[CK_MAX_TARGETS];
+
+	/* every target backing off: nothing to do, and commits need not wake us */
+	for (int i = 0; i < ntargets; i++)
+		if (targets[i].retry_at == 0 || now >= targets[i].retry_at)
+			any_due = true;
+	if (!any_due)
+		return CK_PASS_IDLE;
+
+	/* commits from now on must wake us again: their work may miss this read */
+	round_began = GetCurrentTimestamp();
+	pg_atomic_write_u32(&ck_shared->wake_requested, 0);
+	/* and this pass's snapshots are taken after the count says it began */
+	pass_no = pg_atomic_add_fetch_u64(&ck_shared->passes, 1);
+	/*
+	 * Targets that are up first, then those whose loss was logged: an
+	 * attempt on a target that hangs (it costs up to connect_timeout) then
+	 * comes after the others delivered what this round found.
+	 */
+	for (int i = 0; i < ntargets; i++)
+		was_down[i] = targets[i].redis_down;
+	for (int k = 0; k < 2 * ntargets; k++)
+	{
+		int			i = k % ntargets;
+		bool		drained = false;
+		CkPass		result;
+
+		if (was_down[i] != (k >= ntargets))
+			continue;
+		ck_select_target(i);
+		if (cur->retry_at != 0 && now < cur->retry_at)
+		{
+			all_drained = false;
+			continue;
+		}
+		result = ck_pass_guarded(batch_cxt, &drained);
+		MemoryContextReset(batch_cxt);
+		if (result == CK_PASS_FAILED)
+			ck_back_off();
+		else
+			cur->backoff_ms = cur->retry_at = 0;
+		if (result == CK_PASS_MORE)
+			round = CK_PASS_MORE;
+		all_drained &= drained;
+	}
+	if (all_drained && OidIsValid(plans_queue))
+		ck_publish_drained(plans_queue, pass_no);
+	ck_select_target(0);
+	return round;
+}
+
+/* Milliseconds until delivery, a retry or a second delete, across the targets. */
+static long
+ck_wait_ms(void)
+{
+	long		wait_ms = ck_idle_ms();
+	TimestampTz now = GetCurrentTimestamp();
+
+	for (int i = 0; i < ntargets; i++)
+	{
+		long		secs;
+		int			usecs;
+
+		ck_select_target(i);
+		if (cur->retry_at != 0)
+		{
+			TimestampDifference(now, cur->retry_at, &secs, &usecs);
+			wait_ms = Min(wait_ms, secs * 1000 + usecs / 1000 + 1);
+			continue;
+		}
+		if (cur->last_pass_entries >= CK_LINGER_MIN_ENTRIES)
+		{
+			/*
+			 * Busy: let commits gather for a moment rather than each waking
+			 * us. A wake-up that came during the round is covered by the
+			 * round after the wait, so it is dropped here.
+			 */
+			pg_atomic_write_u32(&ck_shared->wake_requested, 1);
+			ResetLatch(MyLatch);
+			wait_ms = Min(wait_ms, Min(1 + cur->last_pass_entries / CK_LINGER_ENTRIES_PER_MS,
+									   CK_LINGER_MAX_MS));
+		}
+		/* an entry refused earlier is due for its retry */
+		if (ck_waiting_next_retry() != 0)
+		{
+			TimestampDifference(now, ck_waiting_next_retry(), &secs, &usecs);
+			wait_ms = Min(wait_ms, secs * 1000 + usecs / 1000 + 1);
+		}
+		/* wake for the next second delete that is due (redelete.c) */
+		if (ck_redelete_next_ms() >= 0)
+			wait_ms = Min(wait_ms, ck_redelete_next_ms() + 1);
+	}
+	ck_select_target(0);
+	return wait_ms;
+}
+
+/*
  * Look into the database: its name, whether the extension is there, and
  * its own cachekit.redis_url (ALTER DATABASE ... SET). A probe, or a worker
  * of a database without the extension (every database served), tells the
@@ -1260,8 +1764,9 @@ ck_extension_gone(TimestampTz looked_at)
 static long
 ck_idle_ms(void)
 {
-	if (last_pass_entries > 0 || !ck_conn_usable(redis))
-		idle_ms = CK_IDLE_TIMEOUT_MS;
+	for (int i = 0; i < ntargets; i++)
+		if (targets[i].last_pass_entries > 0 || !ck_conn_usable(targets[i].redis))
+			idle_ms = CK_IDLE_TIMEOUT_MS;
 	return idle_ms;
 }
 
@@ -1270,8 +1775,6 @@ void
 cachekit_worker_main(Datum arg)
 {
 	MemoryContext batch_cxt;
-	int			backoff_ms = 0;
-	TimestampTz retry_at = 0;
 	CkWorkerArgs args;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -1291,6 +1794,7 @@ cachekit_worker_main(Datum arg)
 	ck_shared->worker_pid = MyProcPid;
 	ck_shared->connected = false;
 	SpinLockRelease(&ck_shared->mutex);
+	ck_load_targets();
 	before_shmem_exit(ck_worker_exit, (Datum) 0);
 
 	ereport(LOG,
@@ -1302,7 +1806,7 @@ cachekit_worker_main(Datum arg)
 
 	for (;;)
 	{
-		CkPass		result = CK_PASS_IDLE;
+		CkPass		result;
 		long		wait_ms;
 		int			rc;
 
@@ -1313,81 +1817,23 @@ cachekit_worker_main(Datum arg)
 			ProcessConfigFile(PGC_SIGHUP);
 			ck_check_url_setting();
 			/*
-			 * settings may have changed the URL, the TLS files or the
-			 * timeouts: reconnect now, to the URL as it is now
+			 * settings may have changed the URLs, the targets, the TLS files
+			 * or the timeouts: reconnect now, to the URLs as they are now;
+			 * and the batch size, which the read statement holds
 			 */
-			ck_drop_connection();
-			ck_topology_free(topology);
-			topology = NULL;
-			/* and the batch size, which the read statement holds */
 			ck_free_plans();
-			ck_set_connected(false);
-			retry_at = 0;
-			backoff_ms = 0;
+			ck_load_targets();
 		}
 
-		if (retry_at == 0 || GetCurrentTimestamp() >= retry_at)
-		{
-			result = ck_pass_guarded(batch_cxt);
-			MemoryContextReset(batch_cxt);
-			ck_maybe_vacuum();
-			if (result == CK_PASS_FAILED)
-			{
-				backoff_ms = backoff_ms == 0 ? CK_FIRST_RETRY_MS :
-					Min(backoff_ms * 2, ck_retry_max_delay);
-				backoff_ms = Min(backoff_ms, ck_retry_max_delay);
-				if (redis == NULL && topology != NULL &&
-					topology->url.kind == CK_REDIS_SENTINEL)
-					backoff_ms = Min(backoff_ms, CK_SENTINEL_RETRY_MS);
-				retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
-			}
-			else
-			{
-				backoff_ms = 0;
-				retry_at = 0;
-			}
-		}
+		result = ck_round(batch_cxt);
+		ck_maybe_vacuum();
 		/* a wake-up that came while we waited for Redis is not lost */
 		if (ck_redis_took_wakeup())
 			SetLatch(MyLatch);
 		if (result == CK_PASS_MORE)
 			continue;
 
-		if (retry_at == 0 && result == CK_PASS_IDLE &&
-			last_pass_entries >= CK_LINGER_MIN_ENTRIES)
-		{
-			/*
-			 * Busy: let commits gather for a moment rather than each waking
-			 * us. A wake-up that came during the pass is covered by the pass
-			 * after the wait, so it is dropped here.
-			 */
-			pg_atomic_write_u32(&ck_shared->wake_requested, 1);
-			ResetLatch(MyLatch);
-			wait_ms = Min(1 + last_pass_entries / CK_LINGER_ENTRIES_PER_MS, CK_LINGER_MAX_MS);
-		}
-		else if (retry_at != 0)
-		{
-			long		secs;
-			int			usecs;
-
-			TimestampDifference(GetCurrentTimestamp(), retry_at, &secs, &usecs);
-			wait_ms = secs * 1000 + usecs / 1000 + 1;
-		}
-		else
-			wait_ms = ck_idle_ms();
-		/* an entry refused earlier is due for its retry */
-		if (retry_at == 0 && ck_waiting_next_retry() != 0)
-		{
-			long		secs;
-			int			usecs;
-
-			TimestampDifference(GetCurrentTimestamp(), ck_waiting_next_retry(), &secs, &usecs);
-			wait_ms = Min(wait_ms, secs * 1000 + usecs / 1000 + 1);
-		}
-		/* wake for the next second delete that is due (redelete.c) */
-		if (retry_at == 0 && ck_redelete_next_ms() >= 0)
-			wait_ms = Min(wait_ms, ck_redelete_next_ms() + 1);
-
+		wait_ms = ck_wait_ms();
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   wait_ms, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
