@@ -160,7 +160,7 @@ ck_pending_fits(CkPending *p, Oid queue, int n, Size bytes)
 }
 
 /* Gather an invalidation into the last pending entry, or a new one. */
-static CkPending *
+static void
 ck_pending_gather(Oid queue, List *keys, List *tags, int n, Size bytes)
 {
 	CkPending  *p = pending != NIL ? llast(pending) : NULL;
@@ -179,7 +179,6 @@ ck_pending_gather(Oid queue, List *keys, List *tags, int n, Size bytes)
 	foreach(lc, tags)
 		ck_pending_add_string(p, lfirst(lc), false);
 	MemoryContextSwitchTo(old);
-	return p;
 }
 
 /*
@@ -211,10 +210,12 @@ ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
 	if (pending_cxt == NULL)
 		pending_cxt = AllocSetContextCreate(TopTransactionContext, "cachekit pending entries",
 											ALLOCSET_DEFAULT_SIZES);
-	p = ck_pending_gather(queue, keys, tags, n, bytes);
-	/* full: write what is gathered */
-	if (p->nstrings >= CK_PENDING_MAX_STRINGS || p->bytes >= CK_PENDING_MAX_BYTES)
+	/* the last entry is full when this does not fit: write what is gathered */
+	p = pending != NIL ? llast(pending) : NULL;
+	if (p != NULL && p->owner == GetCurrentSubTransactionId() && p->queue == queue &&
+		!ck_pending_fits(p, queue, n, bytes))
 		ck_pending_write_all();
+	ck_pending_gather(queue, keys, tags, n, bytes);
 }
 
 /*
