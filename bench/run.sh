@@ -534,6 +534,12 @@ proc_cpu_ns() {    # on-CPU time of a process, all its threads, in ns
     fi
     echo "$sum"
 }
+# CPU of the server's exited children (backends), ms: the postmaster's
+# cutime + cstime; with the worker's and Redis's, the server side's CPU of a
+# run, which other processes on the machine do not change much
+pm_children_ms() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.0f", ($14 + $15) * 1000 / hz }' "/proc/$(head -n 1 "$PG_DATA/postmaster.pid")/stat"
+}
 proc_switches() { awk '/^voluntary_ctxt_switches/ { print $2 }' "/proc/$1/status"; }
 
 worker_counter() { q "SELECT $1 FROM cachekit_worker_state()"; }
@@ -643,7 +649,7 @@ set_redelete() {    # scenario
 
 tps_run() {    # scenario round
     local s=$1 r=$2 log=$WORK/logs/tps.$1.$2.log helper='' cf='' tps txns backlog catchup failed0 failed1 mc0 mc1
-    local wpid apid a0 r0 t0 t1 e0 rows=1 args=(-f "$WORK/update.sql")
+    local wpid apid a0 r0 t0 t1 e0 b0 rows=1 args=(-f "$WORK/update.sql")
     case $s in
         *_c16) args=(-c "$BENCH_MANY_CLIENTS" -j 2 -f "$WORK/update.sql") ;;
         *_tx10) args=(-f "$WORK/update_tx10.sql") rows=10 ;;
@@ -683,6 +689,7 @@ tps_run() {    # scenario round
         *) apid=$wpid ;;
     esac
     e0=$(worker_counter entries_delivered)
+    b0=$(pm_children_ms)
     a0=$(proc_cpu_ns "$apid")
     r0=$(proc_cpu_ns "$REDIS_PID")
     t0=$(now_ms)
@@ -724,6 +731,9 @@ tps_run() {    # scenario round
             [[ $(cut -d' ' -f2 "$cf") == 0 ]] || warn "the listener saw failed DELs"
             ;;
     esac
+    # server CPU per transaction: backends (exited by now), worker, Redis
+    sleep 0.3
+    res_add "cpu_txn.$s" "$(calc "(($(pm_children_ms) - $b0) * 1000 + ($(proc_cpu_ns "$wpid") - $a0) / 1000 + ($(proc_cpu_ns "$REDIS_PID") - $r0) / 1000) / $txns")"
     [[ -z $helper ]] || helper_stop "$helper"
     failed1=$(worker_counter failed_attempts)
     ((failed1 == failed0)) || warn "$s: the cachekit worker counted $((failed1 - failed0)) failed attempts"
@@ -1076,6 +1086,10 @@ report() {
             fi
             note="min-max $( [[ -n $m ]] && echo "$m" | awk '{ printf "%s-%s", $2, $3 }' || echo n/a); rounds $(echo "$rs" | awk 'NF' | paste -sd/ -)"
             note="$note; TPS $(res_list "tps.$s") vs $(res_list "tps.$b")"
+            # the same from CPU: server CPU per transaction, base / scenario
+            local cr
+            cr=$(paste -d' ' <(res_all "cpu_txn.$s") <(res_all "cpu_txn.$b") | awk 'NF == 2 && $1 > 0 { printf "%.3f\n", $2 / $1 }' | paste -sd/ -)
+            note="$note; server CPU us/txn $(res_list "cpu_txn.$s" 1) vs $(res_list "cpu_txn.$b" 1), CPU ratio per round $cr"
             case $s in ck_* | write_through)
                 note="$note; per 10k rows: worker $(fmt 0 "$(res_median "cpu10k_worker.$s")") ms, redis $(fmt 0 "$(res_median "cpu10k_redis.$s")") ms CPU, $(fmt 2 "$(res_median "entries.$s")") entries/row" ;;
             esac

@@ -53,6 +53,11 @@
  * last pass, up to CK_LINGER_MAX_MS. A lightly loaded worker is still woken
  * at once by each commit.
  */
+/*
+ * An entry that gathered many keys and tags (a transaction of many rows,
+ * pending.c) counts as one entry per two of them: ten UPDATEs in one
+ * transaction load the worker as ten single-row transactions would.
+ */
 #define CK_LINGER_MIN_ENTRIES 4
 #define CK_LINGER_ENTRIES_PER_MS 16
 #define CK_LINGER_MAX_MS 5
@@ -66,7 +71,7 @@ typedef enum CkPass
 } CkPass;
 
 static bool redis_down = false;	/* logged the loss, not yet the return */
-static int	last_pass_entries = 0;	/* entries the last pass read */
+static int	last_pass_entries = 0;	/* entries the last pass read (ck_batch_load) */
 
 /*
  * The worker vacuums its queue itself once it has deleted this many entries
@@ -832,6 +837,17 @@ ck_publish_stats(const CkDeliveryStats *stats)
 	ConditionVariableBroadcast(&ck_shared->delivered_cv);
 }
 
+/* The load of a batch for the linger: entries, an entry of many keys as many. */
+static int
+ck_batch_load(CkEntry *entries, int n)
+{
+	int			load = 0;
+
+	for (int i = 0; i < n; i++)
+		load += Max(1, (entries[i].nkeys + entries[i].ntags + entries[i].nuntags + 1) / 2);
+	return load;
+}
+
 /* One pass: read a batch, deliver it, settle it. */
 static CkPass
 ck_pass(MemoryContext batch_cxt)
@@ -864,7 +880,7 @@ ck_pass(MemoryContext batch_cxt)
 	if (ck_prepare_plans())
 		n = ck_read_batch(batch_cxt, &entries, &full);
 	batch_ext = plans_ext;
-	last_pass_entries = n;
+	last_pass_entries = ck_batch_load(entries, n);
 	read_filenode = OidIsValid(plans_queue) ? ck_queue_filenode() : InvalidOid;
 	/* did this read see every entry up to a matured floor candidate? */
 	covered = floor_candidate.valid && floor_candidate.mature &&
@@ -965,7 +981,8 @@ ck_pass(MemoryContext batch_cxt)
 	 * batch is followed at once by the next if this one settled entries or
 	 * found more to skip (both bounded), never just to hold the same ones.
 	 */
-	last_pass_entries = settled;
+	if (settled < n)
+		last_pass_entries = settled;
 	return full && (settled > 0 || ck_waiting_nskipped() > skipped) ? CK_PASS_MORE : CK_PASS_IDLE;
 }
 
