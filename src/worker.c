@@ -61,6 +61,14 @@
 #define CK_LINGER_MIN_ENTRIES 4
 #define CK_LINGER_ENTRIES_PER_MS 16
 #define CK_LINGER_MAX_MS 5
+/*
+ * Small passes that come quickly after one another are load too: at one
+ * and a half entries per millisecond or more (averaged over the last
+ * passes), each commit would otherwise wake the worker for a pass of one
+ * or two entries, and the writers pay a signal each. A light load (a few
+ * hundred commits a second) stays below and is woken at once.
+ */
+#define CK_LINGER_MIN_RATE 1.5
 
 /* the outcome of one pass */
 typedef enum CkPass
@@ -72,6 +80,8 @@ typedef enum CkPass
 
 static bool redis_down = false;	/* logged the loss, not yet the return */
 static int	last_pass_entries = 0;	/* entries the last pass read (ck_batch_load) */
+static double entry_rate = 0;	/* entries per ms over the last passes */
+static TimestampTz last_pass_end = 0;
 
 /*
  * The worker vacuums its queue itself once it has deleted this many entries
@@ -848,6 +858,20 @@ ck_batch_load(CkEntry *entries, int n)
 	return load;
 }
 
+/* After a pass: the entry rate (a moving average) that decides the linger. */
+static void
+ck_note_rate(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	double		ms = (double) (now - last_pass_end) / 1000.0;
+
+	if (last_pass_end == 0 || ms > 100)
+		entry_rate = 0;			/* idle in between: start over */
+	else
+		entry_rate = 0.5 * entry_rate + 0.5 * last_pass_entries / Max(ms, 0.05);
+	last_pass_end = now;
+}
+
 /* One pass: read a batch, deliver it, settle it. */
 static CkPass
 ck_pass(MemoryContext batch_cxt)
@@ -1265,8 +1289,10 @@ cachekit_worker_main(Datum arg)
 		if (result == CK_PASS_MORE)
 			continue;
 
+		ck_note_rate();
 		if (retry_at == 0 && result == CK_PASS_IDLE &&
-			last_pass_entries >= CK_LINGER_MIN_ENTRIES)
+			(last_pass_entries >= CK_LINGER_MIN_ENTRIES ||
+			 (last_pass_entries > 0 && entry_rate >= CK_LINGER_MIN_RATE)))
 		{
 			/*
 			 * Busy: let commits gather for a moment rather than each waking
