@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh -- cachekit benchmark: one command, run as root.
 #
-#   bash bench/run.sh                 full run (about 20-30 minutes)
+#   bash bench/run.sh                 full run (about 30-35 minutes)
 #   QUICK=1 bash bench/run.sh         smoke run (about 3 minutes)
 #
 # Builds and installs cachekit (test/setup.sh), installs what the

@@ -31,7 +31,7 @@
 #include "utils/memutils.h"
 #include "utils/syscache.h"
 
-/* the bounds of one merged entry: those of a statement trigger's entries */
+/* the bounds of one merged entry: those of a statement trigger's entries (trigger.c) */
 #define CK_PENDING_MAX_STRINGS 1000
 #define CK_PENDING_MAX_BYTES 7168
 /* an invalidation this large (a statement's chunk) is written at once */
