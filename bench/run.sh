@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh -- cachekit benchmark: one command, run as root.
 #
-#   bash bench/run.sh                 full run (about 20-30 minutes)
+#   bash bench/run.sh                 full run (about 30-35 minutes)
 #   QUICK=1 bash bench/run.sh         smoke run (about 3 minutes)
 #
 # Builds and installs cachekit (test/setup.sh), installs what the
@@ -15,7 +15,7 @@
 # Environment (defaults in brackets, QUICK=1 values after the slash):
 #   BENCH_SECONDS     length of one pgbench TPS run [20 / 3]
 #   WARMUP_SECONDS    uncounted pgbench run before them [10 / 1]
-#   BENCH_ROUNDS      interleaved rounds of the TPS scenarios [2 / 2]
+#   BENCH_ROUNDS      interleaved rounds of the TPS scenarios [3 / 3]
 #   BENCH_CLIENTS     pgbench -c and -j [2]
 #   BENCH_PROTOCOL    pgbench -M: simple, extended or prepared [prepared]
 #   BENCH_ROWS        rows of the users table [100000]
@@ -38,8 +38,12 @@
 #   SUSTAIN_WARMUP    same load before it, not measured [60 / 3]
 #   SUSTAIN_TRIGGER   trigger of it: ck_row, write_through, none, ... [ck_row]
 #   BENCH_ONLY        subset of: tps bulk latency drain idle sustain [all]
-#   BENCH_TPS_ONLY    subset of the TPS scenarios: none ck_row ck_row_redelete
-#                     outbox notify memcache write_through [all]
+#   BENCH_TPS_ONLY    subset of the TPS scenarios: none ck_row ck_null
+#                     ck_row_redelete outbox notify memcache write_through
+#                     none_c16 ck_row_c16 none_tx10 ck_row_tx10 [all]
+#                     (issue 15's rows: BENCH_TPS_ONLY="none ck_row ck_null
+#                     write_through none_c16 ck_row_c16 none_tx10 ck_row_tx10")
+#   BENCH_MANY_CLIENTS  pgbench -c of the *_c16 scenarios (-j 2) [16]
 #   BENCH_REDELETE_AFTER  cachekit.redelete_after of ck_row_redelete [500ms]
 #   BENCH_SKIP_BUILD=1   use the installed cachekit, do not run test/setup.sh
 #   BENCH_NO_MEMCACHE=1  skip the pgmemcache alternative
@@ -70,7 +74,8 @@ else
 fi
 BENCH_SECONDS=${BENCH_SECONDS:-$d_secs}
 WARMUP_SECONDS=${WARMUP_SECONDS:-$d_warm}
-BENCH_ROUNDS=${BENCH_ROUNDS:-2}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_MANY_CLIENTS=${BENCH_MANY_CLIENTS:-16}
 BENCH_CLIENTS=${BENCH_CLIENTS:-2}
 BENCH_PROTOCOL=${BENCH_PROTOCOL:-prepared}
 BENCH_ROWS=${BENCH_ROWS:-100000}
@@ -107,7 +112,7 @@ warn() { printf '%s !!! %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
 wants() { [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 
-for v in BENCH_SECONDS WARMUP_SECONDS BENCH_ROUNDS BENCH_CLIENTS BENCH_ROWS BULK_RUNS LAT_SAMPLES LAT_RATE \
+for v in BENCH_SECONDS WARMUP_SECONDS BENCH_ROUNDS BENCH_CLIENTS BENCH_MANY_CLIENTS BENCH_ROWS BULK_RUNS LAT_SAMPLES LAT_RATE \
          DRAIN_ENTRIES DRAIN_ROUNDS IDLE_SECONDS SUSTAIN_SECONDS SUSTAIN_PROGRESS SUSTAIN_WARMUP SUSTAIN_WINDOW; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive whole number (got '${!v}')"
 done
@@ -378,7 +383,9 @@ export PGOPTIONS='-c client_min_messages=warning'
 # ---- schema -----------------------------------------------------------------------
 say "creating users ($BENCH_ROWS rows), cachekit and the alternatives' objects"
 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -v rows="$BENCH_ROWS" >"$WORK/logs/schema.log" 2>&1 <<'EOF'
-CREATE TABLE users (id int PRIMARY KEY, email text, team_id int, name text, updated_at timestamptz);
+-- never_set: always NULL, for the reference trigger that fires without enqueueing
+CREATE TABLE users (id int PRIMARY KEY, email text, team_id int, name text, updated_at timestamptz,
+                    never_set text);
 INSERT INTO users
 SELECT g, 'user' || g || '@example.com', g % 100, 'User ' || g, now()
 FROM generate_series(1, :rows) g;
@@ -504,6 +511,14 @@ cat >"$WORK/update_bg.sql" <<EOF
 UPDATE users SET name = name || '', updated_at = now() WHERE id = :id;
 EOF
 
+# transactions of 10 single-row UPDATEs (the *_tx10 scenarios)
+{
+    for ((i = 0; i < 10; i++)); do echo "\\set id$i random(1, $BENCH_ROWS)"; done
+    echo "BEGIN;"
+    for ((i = 0; i < 10; i++)); do echo "UPDATE users SET name = name || '', updated_at = now() WHERE id = :id$i;"; done
+    echo "COMMIT;"
+} >"$WORK/update_tx10.sql"
+
 PGBENCH=("$PG_BIN/pgbench" -n -M "$BENCH_PROTOCOL" -c "$BENCH_CLIENTS" -j "$BENCH_CLIENTS")
 
 # ---- per-run helpers -----------------------------------------------------------------
@@ -519,6 +534,12 @@ proc_cpu_ns() {    # on-CPU time of a process, all its threads, in ns
     fi
     echo "$sum"
 }
+# CPU of the server's exited children (backends), ms: the postmaster's
+# cutime + cstime; with the worker's and Redis's, the server side's CPU of a
+# run, which other processes on the machine do not change much
+pm_children_ms() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.0f", ($14 + $15) * 1000 / hz }' "/proc/$(head -n 1 "$PG_DATA/postmaster.pid")/stat"
+}
 proc_switches() { awk '/^voluntary_ctxt_switches/ { print $2 }' "/proc/$1/status"; }
 
 worker_counter() { q "SELECT $1 FROM cachekit_worker_state()"; }
@@ -527,8 +548,10 @@ worker_counter() { q "SELECT $1 FROM cachekit_worker_state()"; }
 set_trigger() {
     local body
     case $1 in
-        none) body= ;;
-        ck_row | ck_row_redelete) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate($CK_INVALIDATE_ARGS)" ;;
+        none | none_c16 | none_tx10) body= ;;
+        ck_row | ck_row_redelete | ck_row_c16 | ck_row_tx10) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate($CK_INVALIDATE_ARGS)" ;;
+        # the reference: cachekit's C function fires, renders only NULL, enqueues nothing
+        ck_null) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('user:{never_set}')" ;;
         ck_stmt) body="AFTER UPDATE ON users REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cachekit_invalidate($CK_INVALIDATE_ARGS)" ;;
         noop_stmt) body="AFTER UPDATE ON users REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_noop()" ;;
         write_through) body="AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_write_through($CK_WRITE_THROUGH_ARGS)" ;;
@@ -603,10 +626,10 @@ wait_count() {    # file target timeout_s
 }
 
 # ---- 1 + 7: pgbench TPS, interleaved -------------------------------------------------
-TPS_SCENARIOS=(none ck_row ck_row_redelete outbox)
+TPS_SCENARIOS=(none ck_row ck_null ck_row_redelete outbox)
 ((NODE_OK)) && TPS_SCENARIOS+=(notify)
 ((MC_OK)) && TPS_SCENARIOS+=(memcache)
-TPS_SCENARIOS+=(write_through)
+TPS_SCENARIOS+=(write_through none_c16 ck_row_c16 none_tx10 ck_row_tx10)
 if [[ -n ${BENCH_TPS_ONLY:-} ]]; then
     only=()
     for s in "${TPS_SCENARIOS[@]}"; do [[ " $BENCH_TPS_ONLY " != *" $s "* ]] || only+=("$s"); done
@@ -626,7 +649,11 @@ set_redelete() {    # scenario
 
 tps_run() {    # scenario round
     local s=$1 r=$2 log=$WORK/logs/tps.$1.$2.log helper='' cf='' tps txns backlog catchup failed0 failed1 mc0 mc1
-    local wpid apid a0 r0 t0 t1
+    local wpid apid a0 r0 t0 t1 e0 b0 rows=1 args=(-f "$WORK/update.sql")
+    case $s in
+        *_c16) args=(-c "$BENCH_MANY_CLIENTS" -j 2 -f "$WORK/update.sql") ;;
+        *_tx10) args=(-f "$WORK/update_tx10.sql") rows=10 ;;
+    esac
     prepare_run
     set_trigger "$s"
     set_redelete "$s"
@@ -661,12 +688,14 @@ tps_run() {    # scenario round
         memcache) apid=$MC_PID ;;
         *) apid=$wpid ;;
     esac
+    e0=$(worker_counter entries_delivered)
+    b0=$(pm_children_ms)
     a0=$(proc_cpu_ns "$apid")
     r0=$(proc_cpu_ns "$REDIS_PID")
     t0=$(now_ms)
 
     say "round $r: $s (pgbench ${BENCH_SECONDS}s)"
-    run_pgbench "$log" -T "$BENCH_SECONDS" -f "$WORK/update.sql"
+    run_pgbench "$log" -T "$BENCH_SECONDS" "${args[@]}"
     t1=$(now_ms)
     res_add "cpu_async.$s" "$(calc "($(proc_cpu_ns "$apid") - $a0) / 1e4 / ($t1 - $t0)")"
     res_add "cpu_redis.$s" "$(calc "($(proc_cpu_ns "$REDIS_PID") - $r0) / 1e4 / ($t1 - $t0)")"
@@ -677,9 +706,14 @@ tps_run() {    # scenario round
     # what was left to deliver when pgbench ended, and how long it took
     backlog=0 catchup=0
     case $s in
-        ck_row | ck_row_redelete | write_through)
+        ck_* | write_through)
             backlog=$(q "SELECT count(*) FROM cachekit_queue")
             catchup=$(ck_wait_ms)
+            # CPU of the worker and Redis per 10k changed rows, catch-up
+            # included; and the queue entries those rows made
+            res_add "cpu10k_worker.$s" "$(calc "($(proc_cpu_ns "$wpid") - $a0) / 1e6 / ($txns * $rows) * 1e4")"
+            res_add "cpu10k_redis.$s" "$(calc "($(proc_cpu_ns "$REDIS_PID") - $r0) / 1e6 / ($txns * $rows) * 1e4")"
+            res_add "entries.$s" "$(calc "($(worker_counter entries_delivered) - $e0) / ($txns * $rows)")"
             ;;
         outbox)
             backlog=$(q "SELECT count(*) FROM bench_outbox")
@@ -697,6 +731,9 @@ tps_run() {    # scenario round
             [[ $(cut -d' ' -f2 "$cf") == 0 ]] || warn "the listener saw failed DELs"
             ;;
     esac
+    # server CPU per transaction: backends (exited by now), worker, Redis
+    sleep 0.3
+    res_add "cpu_txn.$s" "$(calc "(($(pm_children_ms) - $b0) * 1000 + ($(proc_cpu_ns "$wpid") - $a0) / 1000 + ($(proc_cpu_ns "$REDIS_PID") - $r0) / 1000) / $txns")"
     [[ -z $helper ]] || helper_stop "$helper"
     failed1=$(worker_counter failed_attempts)
     ((failed1 == failed0)) || warn "$s: the cachekit worker counted $((failed1 - failed0)) failed attempts"
@@ -790,7 +827,9 @@ drain_run() {    # batch_size round
     sleep 0.5
     say "round $r: building a backlog of $DRAIN_ENTRIES entries (Redis unreachable)"
     t0=$(now_ms)
-    q "SELECT count(cachekit_delete('k:' || g)) FROM generate_series(0, $((DRAIN_ENTRIES - 1))) g" >/dev/null
+    # one entry per key, as a million single-row transactions would leave
+    # (cachekit_delete in one statement would gather them into few entries)
+    q "INSERT INTO cachekit_queue (kind, keys) SELECT 'i', ARRAY['k:' || g] FROM generate_series(0, $((DRAIN_ENTRIES - 1))) g" >/dev/null
     enq=$(($(now_ms) - t0))
     rcli DEBUG POPULATE "$DRAIN_ENTRIES" k >/dev/null
     depth=$(q "SELECT count(*) FROM cachekit_queue")
@@ -999,13 +1038,13 @@ report() {
             r=$(ratio "$v" "$base")
             note="rounds $(res_list "tps.$s")"
             case $s in
-                ck_row | ck_row_redelete | write_through) note="$note; CPU % of a core: worker $(fmt 0 "$(res_median "cpu_async.$s")"), redis $(fmt 0 "$(res_median "cpu_redis.$s")")" ;;
+                ck_* | write_through) note="$note; CPU % of a core: worker $(fmt 0 "$(res_median "cpu_async.$s")"), redis $(fmt 0 "$(res_median "cpu_redis.$s")")" ;;
                 outbox) note="$note; CPU % of a core: drainer $(fmt 0 "$(res_median "cpu_async.$s")"), redis $(fmt 0 "$(res_median "cpu_redis.$s")")" ;;
                 notify) note="$note; CPU % of a core: listener $(fmt 0 "$(res_median "cpu_async.$s")"), redis $(fmt 0 "$(res_median "cpu_redis.$s")")" ;;
                 memcache) note="$note; CPU % of a core: memcached $(fmt 0 "$(res_median "cpu_async.$s")")" ;;
             esac
             case $s in
-                ck_row | ck_row_redelete | write_through | outbox | notify)
+                ck_* | write_through | outbox | notify)
                     note="$note; backlog at end $(res_list "backlog.$s"), delivered $(res_list "catchup.$s") ms later"
                     # more than a second of work left over: the figure
                     # counts work that was not done yet
@@ -1036,6 +1075,33 @@ report() {
         if ((MC_OK)); then tps_row memcache "  alt c: pgmemcache sync delete (TPS)"
         else row "  alt c: pgmemcache sync delete (TPS)" n/a n/a "" "" "pgmemcache/memcached not available"; fi
         tps_row write_through "cachekit write-through (TPS)" ">=" 0.75
+
+        section "1b. issue 15: per-round ratios to no trigger in the same round (median, min-max, every round)"
+        round_row() {    # scenario base label op target [every-round-min]
+            local s=$1 b=$2 label=$3 rs m
+            rs=$(paste -d' ' <(res_all "tps.$s") <(res_all "tps.$b") | awk 'NF == 2 && $2 > 0 { printf "%.3f\n", $1 / $2 }')
+            m=$(echo "$rs" | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; printf "%.4f %.3f %.3f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2, v[1], v[NR] }')
+            local verd=n/a note
+            if [[ -n $m && -n ${5:-} ]]; then
+                verd=$(verdict "${m%% *}" "$4" "$5")
+                if [[ -n ${6:-} && $verd == PASS ]]; then verd=$(verdict "$(echo "$m" | cut -d' ' -f2)" ">=" "$6"); fi
+            fi
+            note="min-max $( [[ -n $m ]] && echo "$m" | awk '{ printf "%s-%s", $2, $3 }' || echo n/a); rounds $(echo "$rs" | awk 'NF' | paste -sd/ -)"
+            note="$note; TPS $(res_list "tps.$s") vs $(res_list "tps.$b")"
+            # the same from CPU: server CPU per transaction, base / scenario
+            local cr
+            cr=$(paste -d' ' <(res_all "cpu_txn.$s") <(res_all "cpu_txn.$b") | awk 'NF == 2 && $1 > 0 { printf "%.3f\n", $2 / $1 }' | paste -sd/ -)
+            note="$note; server CPU us/txn $(res_list "cpu_txn.$s" 1) vs $(res_list "cpu_txn.$b" 1), CPU ratio per round $cr"
+            case $s in ck_* | write_through)
+                note="$note; per 10k rows: worker $(fmt 0 "$(res_median "cpu10k_worker.$s")") ms, redis $(fmt 0 "$(res_median "cpu10k_redis.$s")") ms CPU, $(fmt 2 "$(res_median "entries.$s")") entries/row" ;;
+            esac
+            row "$label" "" "$(fmt 3 "${m%% *}")" "${5:+$4$5}${6:+ (each>=$6)}" "$verd" "$note"
+        }
+        round_row ck_row none "1. key+tag row trigger, $BENCH_CLIENTS clients" ">=" 0.85 0.80
+        round_row ck_row_c16 none_c16 "2. key+tag row trigger, -c $BENCH_MANY_CLIENTS -j 2" ">=" 0.80
+        round_row write_through none "3. write-through row trigger, $BENCH_CLIENTS clients" ">=" 0.80
+        round_row ck_row_tx10 none_tx10 "4. key+tag row trigger, 10 UPDATEs/transaction" ">=" 0.80
+        round_row ck_null none "5. ref: trigger fires, renders NULL, no entry"
     fi
 
     if wants bulk; then
@@ -1086,7 +1152,7 @@ report() {
             row "batch_size $b (keys/s)" "$(fmt 0 "$v")" "" ">=250000" "$(verdict "$v" ">=" 250000)" \
                 "drain $(res_list "drain_ms.$b") ms; keys left in Redis $(res_list "drain_left.$b")"
         done
-        row "  (enqueue via cachekit_delete, entries/s)" "$(fmt 0 "$(calc "$DRAIN_ENTRIES / ($(res_median drain_enqueue_ms) / 1000)" 2>/dev/null)")" "" "" "" "one statement, $(res_list drain_enqueue_ms) ms"
+        row "  (backlog built by INSERT into the queue, entries/s)" "$(fmt 0 "$(calc "$DRAIN_ENTRIES / ($(res_median drain_enqueue_ms) / 1000)" 2>/dev/null)")" "" "" "" "one statement, $(res_list drain_enqueue_ms) ms"
     fi
 
     if wants idle; then

@@ -8,7 +8,7 @@
 # here with openssl), so both transports reach the very same server. In
 # each of TLS_ROUNDS interleaved rounds (plain first in odd rounds, TLS
 # first in even ones) it measures, for each transport:
-#   drain    a backlog of DRAIN_ENTRIES cachekit_delete entries built while
+#   drain    a backlog of DRAIN_ENTRIES one-key entries (INSERT) built while
 #            the worker points at a dead port, then the time until it is
 #            delivered (keys/s)
 #   latency  COMMIT -> key gone, LAT_SAMPLES samples (bench/node/latency.js:
@@ -164,7 +164,8 @@ drain() {    # name url
     q "ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:1/0'" >/dev/null
     q "SELECT pg_reload_conf()" >/dev/null
     sleep 0.5
-    q "SELECT count(cachekit_delete('k:' || g)) FROM generate_series(0, $((DRAIN_ENTRIES - 1))) g" >/dev/null
+    # one entry per key (cachekit_delete in one statement gathers them into few)
+    q "INSERT INTO cachekit_queue (kind, keys) SELECT 'i', ARRAY['k:' || g] FROM generate_series(0, $((DRAIN_ENTRIES - 1))) g" >/dev/null
     rcli DEBUG POPULATE "$DRAIN_ENTRIES" k >/dev/null
     q "CHECKPOINT" >/dev/null
     q "ALTER SYSTEM SET cachekit.redis_url = '$2'" >/dev/null

@@ -4,7 +4,7 @@
 #   bash bench/wait.sh
 #
 # Starts its own PostgreSQL with cachekit and a redis-server. In each of
-# WAIT_ROUNDS rounds it builds a backlog of WAIT_ENTRIES cachekit_delete
+# WAIT_ROUNDS rounds it builds a backlog of WAIT_ENTRIES one-key
 # entries while the worker points at a dead port, then points it back and
 # times the drain (from the reload to the worker's last delivery), once with
 # nobody waiting and once with WAIT_SESSIONS sessions in
@@ -89,7 +89,7 @@ drain() {
     q "ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:1/0'"
     q "SELECT pg_reload_conf()" >/dev/null
     sleep 0.5
-    q "SELECT count(cachekit_delete('w:' || g)) FROM generate_series(1, $ENTRIES) g" >/dev/null
+    q "INSERT INTO cachekit_queue (kind, keys) SELECT 'i', ARRAY['w:' || g] FROM generate_series(1, $ENTRIES) g" >/dev/null
     for ((i = 0; i < waiters; i++)); do
         q "SELECT cachekit_wait('2 min')" >/dev/null &
         pids+=($!)

@@ -58,7 +58,8 @@ BEGIN;
 SELECT write_as('Pacific/Chatham', 'Postgres, YMD', 'iso_8601', 0, 'hex', 'C');
 COMMIT;
 
--- each of the four writers queued the same keys: one distinct set per row
+-- each of the four writers queued the same keys (its rows' keys gathered
+-- into one entry): one distinct set
 SELECT count(DISTINCT keys) AS distinct_key_sets, count(*) AS entries
 FROM cachekit_queue WHERE keys[1] LIKE 'tz:%';
 -- and these are they (the canonical forms, README "Keys and session settings")

@@ -23,10 +23,11 @@ INSERT INTO typed VALUES
 	(-9223372036854775808, -32768, -2147483648, E'ü x\ty', 'v ', 'ab', 7, -0.0, true),
 	(9223372036854775807, 32767, 2147483647, '', '', '', 1, 1e300, false),
 	(0, 0, 0, '{}', 'x', 'abcde', 2147483647, '-0', false);
-SELECT q.keys[1] AS key,
-	   q.keys[1] = format('k:%s:%s:%s:%s:%s:%s:%s:%s:%s', r.id, r.s, r.i, r.t, r.v, r.c, r.d, r.f, r.flag) AS same
-FROM cachekit_queue q, typed r
-WHERE q.keys[1] LIKE 'k:' || r.id || ':%'
+-- (the rows' keys are in one entry: a statement's invalidations are gathered)
+SELECT k AS key,
+	   k = format('k:%s:%s:%s:%s:%s:%s:%s:%s:%s', r.id, r.s, r.i, r.t, r.v, r.c, r.d, r.f, r.flag) AS same
+FROM cachekit_queue q, unnest(q.keys) k, typed r
+WHERE k LIKE 'k:' || r.id || ':%'
 ORDER BY r.id;
 TRUNCATE cachekit_queue;
 

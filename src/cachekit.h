@@ -256,12 +256,20 @@ extern bool ck_query_has_modifying_cte(void);
 
 /*---- the queue (queue.c) ----*/
 
-extern void ck_enqueue(Oid nspid, char kind, List *keys, List *tags,
-					   List *untags, const char *value, int ttl, Datum targets);
 extern Datum ck_targets_array(List *names);
+extern void ck_queue_write_entry(Oid queue, char kind, List *keys, List *tags,
+								 List *untags, const char *value, int ttl,
+								 Datum targets);
+extern Oid	ck_queue_relid(Oid nspid);
 extern Oid	ck_extension_schema(FmgrInfo *flinfo);
 extern void ck_note_enqueued(void);
 extern void ck_queue_init(void);
+
+/*---- a transaction's entries, written at pre-commit (pending.c) ----*/
+
+extern void ck_enqueue(Oid nspid, char kind, List *keys, List *tags,
+					   List *untags, const char *value, int ttl, Datum targets);
+extern void ck_pending_init(void);
 
 /*---- delivery of one batch to Redis (deliver.c) ----*/
 

@@ -104,6 +104,7 @@ void
 ck_queue_init(void)
 {
 	RegisterXactCallback(ck_xact_callback, NULL);
+	ck_pending_init();
 	prev_process_utility = ProcessUtility_hook;
 	ProcessUtility_hook = ck_process_utility;
 }
@@ -146,7 +147,7 @@ ck_extension_schema(FmgrInfo *flinfo)
 }
 
 /* The queue table of the extension in schema nspid. */
-static Oid
+Oid
 ck_queue_relid(Oid nspid)
 {
 	Oid			relid = get_relname_relid(CK_QUEUE_TABLE, nspid);
@@ -313,7 +314,14 @@ ck_index_values(Relation rel, IndexInfo *info, HeapTuple tuple, EState **estate,
 	ExprContext *econtext;
 	TupleTableSlot *slot;
 	bool		keep = true;
+	bool		pushed = false;
 
+	/* at pre-commit (pending.c) no snapshot is active; functions may want one */
+	if (!ActiveSnapshotSet())
+	{
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pushed = true;
+	}
 	if (*estate == NULL)
 		*estate = CreateExecutorState();
 	econtext = GetPerTupleExprContext(*estate);
@@ -326,12 +334,15 @@ ck_index_values(Relation rel, IndexInfo *info, HeapTuple tuple, EState **estate,
 	if (keep)
 		FormIndexDatum(info, slot, *estate, values, isnull);
 	ExecDropSingleTupleTableSlot(slot);
+	if (pushed)
+		PopActiveSnapshot();
 	return keep;
 }
 
 /*
- * Insert one queue entry in the current transaction.
- * keys and tags are Lists of C strings; value may be NULL.
+ * Insert one queue entry into queue table "queue" now, in the current
+ * (sub)transaction. keys and tags are Lists of C strings; value may be
+ * NULL. ck_enqueue (pending.c) decides when.
  *
  * This runs for every changed row of a watched table, so it inserts
  * directly into the heap and the indexes rather than through a SQL
@@ -341,10 +352,10 @@ ck_index_values(Relation rel, IndexInfo *info, HeapTuple tuple, EState **estate,
  * those of any other insert.
  */
 void
-ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
-		   const char *value, int ttl, Datum targets)
+ck_queue_write_entry(Oid queue, char kind, List *keys, List *tags, List *untags,
+					 const char *value, int ttl, Datum targets)
 {
-	Relation	rel = table_open(ck_queue_relid(nspid), RowExclusiveLock);
+	Relation	rel = table_open(queue, RowExclusiveLock);
 	TupleDesc	desc = RelationGetDescr(rel);
 	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
 	bool	   *nulls = palloc(sizeof(bool) * desc->natts);
@@ -353,7 +364,7 @@ ck_enqueue(Oid nspid, char kind, List *keys, List *tags, List *untags,
 	ListCell   *lc;
 	EState	   *estate = NULL;
 
-	ck_queue_layout(rel, nspid);
+	ck_queue_layout(rel, RelationGetNamespace(rel));
 	memset(nulls, true, sizeof(bool) * desc->natts);
 #define SET_COLUMN(c, v) \
 	(values[queue_layout.attnum[c] - 1] = (v), nulls[queue_layout.attnum[c] - 1] = false)

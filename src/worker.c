@@ -60,9 +60,22 @@
  * last pass, up to CK_LINGER_MAX_MS. A lightly loaded worker is still woken
  * at once by each commit.
  */
+/*
+ * An entry that gathered many keys and tags (a transaction of many rows,
+ * pending.c) counts as one entry per two of them: ten UPDATEs in one
+ * transaction load the worker as ten single-row transactions would.
+ */
 #define CK_LINGER_MIN_ENTRIES 4
 #define CK_LINGER_ENTRIES_PER_MS 16
 #define CK_LINGER_MAX_MS 5
+/*
+ * Small passes that come quickly after one another are load too: at one
+ * and a half entries per millisecond or more (averaged over the last
+ * passes), each commit would otherwise wake the worker for a pass of one
+ * or two entries, and the writers pay a signal each. A light load (a few
+ * hundred commits a second) stays below and is woken at once.
+ */
+#define CK_LINGER_MIN_RATE 1.5
 
 /* the outcome of one pass */
 typedef enum CkPass
@@ -122,7 +135,9 @@ typedef struct CkTarget
 	bool		redis_down;		/* logged the loss, not yet the return */
 	int			backoff_ms;
 	TimestampTz retry_at;		/* backing off until then, or 0 */
-	int			last_pass_entries;	/* entries its last pass read */
+	int			last_pass_entries;	/* load its last pass read (ck_batch_load) */
+	double		entry_rate;		/* entries per ms over its last passes */
+	TimestampTz last_pass_end;
 	int64		read_floor;		/* see ck_propose_floor */
 	CkFloorCandidate cand;
 } CkTarget;
@@ -1081,6 +1096,30 @@ ck_publish_stats(const CkDeliveryStats *stats)
 	ConditionVariableBroadcast(&ck_shared->delivered_cv);
 }
 
+/* The load of a batch for the linger: entries, an entry of many keys as many. */
+static int
+ck_batch_load(CkEntry *entries, int n)
+{
+	int			load = 0;
+
+	for (int i = 0; i < n; i++)
+		load += Max(1, (entries[i].nkeys + entries[i].ntags + entries[i].nuntags + 1) / 2);
+	return load;
+}
+
+/* After a round: the current target's entry rate (a moving average), for the linger. */
+static void
+ck_note_rate(TimestampTz now)
+{
+	double		ms = (double) (now - cur->last_pass_end) / 1000.0;
+
+	if (cur->last_pass_end == 0 || ms > 100)
+		cur->entry_rate = 0;	/* idle in between: start over */
+	else
+		cur->entry_rate = 0.5 * cur->entry_rate + 0.5 * cur->last_pass_entries / Max(ms, 0.05);
+	cur->last_pass_end = now;
+}
+
 /*
  * The end of a pass that read nothing the current target owes (installed:
  * the extension is).
@@ -1135,7 +1174,7 @@ ck_pass(MemoryContext batch_cxt, bool *drained)
 	if (ck_prepare_plans())
 		n = ck_read_batch(batch_cxt, &entries, &full, &last_read);
 	batch_ext = plans_ext;
-	cur->last_pass_entries = n;
+	cur->last_pass_entries = ck_batch_load(entries, n);
 	read_filenode = OidIsValid(plans_queue) ? ck_queue_filenode() : InvalidOid;
 	/* did this read see every entry up to a matured floor candidate? */
 	covered = cur->cand.valid && cur->cand.mature &&
@@ -1235,7 +1274,8 @@ ck_pass(MemoryContext batch_cxt, bool *drained)
 	 * batch is followed at once by the next if this one settled entries or
 	 * found more to skip (both bounded), never just to hold the same ones.
 	 */
-	cur->last_pass_entries = settled;
+	if (settled < n)
+		cur->last_pass_entries = settled;
 	return full && (settled > 0 || ck_waiting_nskipped() > skipped) ? CK_PASS_MORE : CK_PASS_IDLE;
 }
 
@@ -1660,7 +1700,9 @@ ck_wait_ms(void)
 			wait_ms = Min(wait_ms, secs * 1000 + usecs / 1000 + 1);
 			continue;
 		}
-		if (cur->last_pass_entries >= CK_LINGER_MIN_ENTRIES)
+		ck_note_rate(now);
+		if (cur->last_pass_entries >= CK_LINGER_MIN_ENTRIES ||
+			(cur->last_pass_entries > 0 && cur->entry_rate >= CK_LINGER_MIN_RATE))
 		{
 			/*
 			 * Busy: let commits gather for a moment rather than each waking

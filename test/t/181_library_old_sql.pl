@@ -68,7 +68,8 @@ ok(delivered() && !redis_exists($redis, 'users:all'), 'TRUNCATE trigger delivere
 # the worker's figures through the 0.1.0 view and function
 my $stats = cachekit_stats($node);
 is($stats->{redis_connected}, 'true', 'cachekit_stats: connected');
-cmp_ok($stats->{entries_delivered}, '>=', 8, 'cachekit_stats: entries delivered counted');
+# (a statement's or transaction's invalidations are one entry, pending.c)
+cmp_ok($stats->{entries_delivered}, '>=', 5, 'cachekit_stats: entries delivered counted');
 is($stats->{queue_depth}, '0', 'cachekit_stats: queue empty');
 like(sql(q{SELECT worker_pid FROM cachekit_worker_state()}), qr/^\d+$/,
 	'cachekit_worker_state() answers');

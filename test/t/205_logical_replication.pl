@@ -132,13 +132,14 @@ q_on($sub, q{SELECT pg_reload_conf()});
 # the subscriber's next ids are the publisher's next ids
 my $next = q_on($pub, q{SELECT last_value FROM cachekit_queue_id_seq});
 q_on($sub, qq{SELECT setval('cachekit_queue_id_seq', $next)});
-q_on($sub, q{INSERT INTO local_things SELECT g FROM generate_series(1, 30) g});
+# thirty transactions: thirty entries (one transaction's would be gathered into one)
+q_on($sub, q{DO $$ BEGIN FOR g IN 1..30 LOOP INSERT INTO local_things VALUES (g); COMMIT; END LOOP; END $$});
 my $own = q_on($sub, q{SELECT count(*) FROM cachekit_queue WHERE keys[1] LIKE 'local:%'});
 is($own, '30', 'the subscriber queued its own entries');
 my $ids = q_on($sub, q{SELECT min(id) || '-' || max(id) FROM cachekit_queue});
 note "subscriber's queue ids: $ids";
 # the publisher enqueues, delivers and deletes entries of the same ids and more
-q_on($pub, q{SELECT cachekit_delete('pub:' || g) FROM generate_series(1, 200) g});
+q_on($pub, q{DO $$ BEGIN FOR g IN 1..200 LOOP PERFORM cachekit_delete('pub:' || g); COMMIT; END LOOP; END $$});
 ok(wait_for(sub { q_on($pub, q{SELECT count(*) FROM cachekit_queue}) eq '0' }, 60),
 	'the publisher delivered and deleted its entries');
 catch_up();
