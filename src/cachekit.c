@@ -54,6 +54,15 @@ static const struct config_enum_entry ck_tls_verify_options[] = {
 	{NULL, 0, false}
 };
 
+int			ck_redis_mode = CK_MODE_AUTO;
+
+static const struct config_enum_entry ck_redis_mode_options[] = {
+	{"auto", CK_MODE_AUTO, false},
+	{"standalone", CK_MODE_STANDALONE, false},
+	{"cluster", CK_MODE_CLUSTER, false},
+	{NULL, 0, false}
+};
+
 /*---- shared state ----*/
 
 CachekitShared *ck_shared = NULL;
@@ -71,6 +80,8 @@ static void ck_emit_log(ErrorData *edata);
 static void ck_define_connection_settings(void);
 
 PG_FUNCTION_INFO_V1(cachekit_worker_state);
+PG_FUNCTION_INFO_V1(cachekit_topology_state);
+PG_FUNCTION_INFO_V1(cachekit_key_slot);
 
 /* Module load: define settings, ask for shared memory, register the worker. */
 void
@@ -260,6 +271,16 @@ ck_define_connection_settings(void)
 							 PGC_SIGHUP,
 							 GUC_SUPERUSER_ONLY,
 							 NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("cachekit.redis_mode",
+							 "What cachekit.redis_url's hosts are: auto (a cluster if the first one reached says so), standalone, cluster.",
+							 NULL,
+							 &ck_redis_mode,
+							 CK_MODE_AUTO,
+							 ck_redis_mode_options,
+							 PGC_SIGHUP,
+							 GUC_SUPERUSER_ONLY,
+							 NULL, NULL, NULL);
 }
 
 /* Ask for the shared state. */
@@ -297,6 +318,7 @@ ck_shmem_startup(void)
 		pg_atomic_init_u64(&ck_shared->dead_lettered, 0);
 		pg_atomic_init_u32(&ck_shared->wake_requested, 0);
 		pg_atomic_init_u64(&ck_shared->passes, 0);
+		pg_atomic_init_u64(&ck_shared->redirects_followed, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -626,4 +648,53 @@ cachekit_worker_state(PG_FUNCTION_ARGS)
 	i++;
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* cachekit_topology_state(): the Redis topology the worker last connected to. */
+Datum
+cachekit_topology_state(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+	int			mode;
+	int			nodes;
+	TimestampTz refreshed_at;
+
+	if (ck_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cachekit is not loaded"),
+				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	SpinLockAcquire(&ck_shared->mutex);
+	mode = ck_shared->redis_mode;
+	nodes = ck_shared->redis_nodes;
+	refreshed_at = ck_shared->topology_refreshed_at;
+	SpinLockRelease(&ck_shared->mutex);
+
+	if (mode == 0)
+		nulls[0] = nulls[1] = true;
+	else
+	{
+		values[0] = CStringGetTextDatum(mode == CK_MODE_CLUSTER ? "cluster" : "standalone");
+		values[1] = Int32GetDatum(nodes);
+	}
+	if (refreshed_at != 0)
+		values[2] = TimestampTzGetDatum(refreshed_at);
+	else
+		nulls[2] = true;
+	values[3] = Int64GetDatum(pg_atomic_read_u64(&ck_shared->redirects_followed));
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* cachekit_key_slot(key): the Redis Cluster slot of a key, as cachekit routes it. */
+Datum
+cachekit_key_slot(PG_FUNCTION_ARGS)
+{
+	text	   *key = PG_GETARG_TEXT_PP(0);
+
+	PG_RETURN_INT32(ck_key_slot(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key)));
 }

@@ -87,11 +87,10 @@ static TimestampTz last_vacuum = 0;
 static char *current_host = NULL;	/* for messages, without the password */
 
 /*
- * Where Redis is (made from cachekit.redis_url, remade after a reload) and
- * the connection to it, NULL when there is none.
+ * Where Redis is (made from cachekit.redis_url, remade after a reload),
+ * holding the connection(s) to it.
  */
 static CkTopology *topology = NULL;
-static CkConn *redis = NULL;
 
 /*
  * The longest wait between reconnection attempts through Sentinel (when
@@ -100,12 +99,11 @@ static CkConn *redis = NULL;
  */
 #define CK_SENTINEL_RETRY_MS 400
 
-/* Close the Redis connection, if any. */
+/* Close the Redis connection(s), if any. */
 static void
 ck_drop_connection(void)
 {
-	ck_conn_free(redis);
-	redis = NULL;
+	ck_topology_disconnect(topology);
 }
 
 /* Exit callback: stop advertising our latch. */
@@ -164,9 +162,8 @@ ck_connect(void)
 		ck_report_failure(psprintf("invalid cachekit.redis_url: %s", err), true);
 		return false;
 	}
-	redis = ck_topology_connect(topology, &where, &err);
-	if (redis == NULL || !ck_deliver_prepare(redis, &err) ||
-		!ck_topology_replay(topology, redis, &err))
+	if (!ck_topology_connect(topology, &where, &err) ||
+		!ck_topology_replay(topology, &err))
 	{
 		ck_drop_connection();
 		/* an attempt a reload cut short is no failure: it starts over now */
@@ -197,7 +194,7 @@ ck_ensure_connection(void)
 	MemoryContext old;
 	bool		ok;
 
-	if (ck_conn_usable(redis))
+	if (ck_topology_usable(topology))
 		return true;
 	if (connect_cxt == NULL)
 		connect_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit connect",
@@ -881,7 +878,7 @@ ck_pass(MemoryContext batch_cxt)
 		if (OidIsValid(batch_ext) && ck_waiting_idle())
 			ck_publish_drained(plans_queue, pass_no);
 		/* connect while idle too, so cachekit_stats tells whether Redis is up */
-		if (OidIsValid(batch_ext) && !ck_conn_usable(redis))
+		if (OidIsValid(batch_ext) && !ck_topology_usable(topology))
 			(void) ck_ensure_connection();
 		return CK_PASS_IDLE;
 	}
@@ -895,10 +892,10 @@ ck_pass(MemoryContext batch_cxt)
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
 	ck_waiting_hold(entries, n);
-	ok = ck_deliver(redis, entries, n, &stats, &err);
-	/* through Sentinel: the replicas have it too, or a failover could lose it */
+	ok = ck_deliver(topology, entries, n, &stats, &err);
+	/* with replicas: they have it too, or a failover could lose it */
 	if (ok)
-		ok = ck_topology_sync(redis, &err);
+		ok = ck_topology_sync(topology, &err);
 	if (!ok)
 	{
 		MemoryContextSwitchTo(old);
@@ -1064,8 +1061,8 @@ ck_pass_guarded(MemoryContext batch_cxt)
 
 		result = ck_pass(batch_cxt);
 		/* second deletes that are due (redelete.c), on the pass's connection */
-		if (result != CK_PASS_FAILED && ck_conn_usable(redis) &&
-			!ck_redelete_run_due(redis, &err))
+		if (result != CK_PASS_FAILED && ck_topology_usable(topology) &&
+			!ck_redelete_run_due(topology, &err))
 		{
 			ck_report_failure(err, true);
 			ck_drop_connection();
@@ -1231,8 +1228,9 @@ cachekit_worker_main(Datum arg)
 				backoff_ms = backoff_ms == 0 ? CK_FIRST_RETRY_MS :
 					Min(backoff_ms * 2, ck_retry_max_delay);
 				backoff_ms = Min(backoff_ms, ck_retry_max_delay);
-				if (redis == NULL && topology != NULL &&
-					topology->url.kind == CK_REDIS_SENTINEL)
+				if (!ck_topology_usable(topology) && topology != NULL &&
+					(topology->url.kind == CK_REDIS_SENTINEL ||
+					 topology->mode == CK_MODE_CLUSTER))
 					backoff_ms = Min(backoff_ms, CK_SENTINEL_RETRY_MS);
 				retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
 			}
