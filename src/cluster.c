@@ -389,7 +389,12 @@ ck_map_read(CkTopology *topo, CkConn *conn, char **errmsg)
 		CkNode	   *node = lfirst(lc);
 
 		if (list_member_ptr(primaries, node))
+		{
+			MemoryContext old = MemoryContextSwitchTo(topo->cxt);
+
 			topo->nodes = lappend(topo->nodes, node);
+			MemoryContextSwitchTo(old);
+		}
 		else
 			ck_conn_free(node->conn);
 	}
