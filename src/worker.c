@@ -93,9 +93,9 @@ static char *current_host = NULL;	/* for messages, without the password */
 static CkTopology *topology = NULL;
 
 /*
- * The longest wait between reconnection attempts through Sentinel (when
- * cachekit.retry_max_delay is longer): after a failover, delivery resumes
- * soon after the Sentinels name the new master.
+ * The longest wait between reconnection attempts through Sentinel or to a
+ * Redis Cluster (when cachekit.retry_max_delay is longer): after a
+ * failover, delivery resumes soon after the new primary is named.
  */
 #define CK_SENTINEL_RETRY_MS 400
 
