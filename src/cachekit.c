@@ -585,6 +585,22 @@ ck_set_last_error(const char *msg)
 	SpinLockRelease(&ck_shared->mutex);
 }
 
+/* The row type of a state function, once the shared state is known to exist. */
+static TupleDesc
+ck_state_tupdesc(FunctionCallInfo fcinfo)
+{
+	TupleDesc	tupdesc;
+
+	if (ck_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cachekit is not loaded"),
+				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	return tupdesc;
+}
+
 /* cachekit_worker_state(): the worker's counters, behind cachekit_stats. */
 Datum
 cachekit_worker_state(PG_FUNCTION_ARGS)
@@ -599,14 +615,7 @@ cachekit_worker_state(PG_FUNCTION_ARGS)
 	int			pid;
 	int			i = 0;
 
-	if (ck_shared == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("cachekit is not loaded"),
-				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
-
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
+	tupdesc = ck_state_tupdesc(fcinfo);
 
 	SpinLockAcquire(&ck_shared->mutex);
 	strlcpy(last_error, ck_shared->last_error, CK_ERROR_LEN);
@@ -661,14 +670,7 @@ cachekit_topology_state(PG_FUNCTION_ARGS)
 	int			nodes;
 	TimestampTz refreshed_at;
 
-	if (ck_shared == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("cachekit is not loaded"),
-				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-
+	tupdesc = ck_state_tupdesc(fcinfo);
 	SpinLockAcquire(&ck_shared->mutex);
 	mode = ck_shared->redis_mode;
 	nodes = ck_shared->redis_nodes;

@@ -297,6 +297,22 @@ ck_describe(const CkRedisUrl *url, const char *host, int port)
 	return psprintf("%s:%d/%d%s", host, port, url->db, tls);
 }
 
+/* Make a connection the topology's one node, its scripts loaded (freed on failure). */
+static bool
+ck_use_single(CkTopology *topo, CkConn *conn, const char *host, int port, char **where,
+			  char **errmsg)
+{
+	if (!ck_deliver_prepare(conn, errmsg))
+	{
+		ck_conn_free(conn);
+		return false;
+	}
+	topo->mode = CK_MODE_STANDALONE;
+	ck_node_add(topo, host, port, conn);
+	*where = ck_describe(&topo->url, host, port);
+	return true;
+}
+
 /* The first seed of the URL that answers, logged in; NULL with *errmsg if none. */
 static CkConn *
 ck_seed_connect(CkTopology *topo, char **host, int *port, char **errmsg)
@@ -365,15 +381,7 @@ ck_direct_connect(CkTopology *topo, char **where, char **errmsg)
 						   host, port);
 		return false;
 	}
-	if (!ck_deliver_prepare(conn, errmsg))
-	{
-		ck_conn_free(conn);
-		return false;
-	}
-	topo->mode = CK_MODE_STANDALONE;
-	ck_node_add(topo, host, port, conn);
-	*where = ck_describe(url, host, port);
-	return true;
+	return ck_use_single(topo, conn, host, port, where, errmsg);
 }
 
 /*
@@ -400,16 +408,9 @@ ck_topology_connect(CkTopology *topo, char **where, char **errmsg)
 	}
 	else
 	{
-		if ((conn = ck_sentinel_connect(topo, &host, &port, errmsg)) == NULL)
+		if ((conn = ck_sentinel_connect(topo, &host, &port, errmsg)) == NULL ||
+			!ck_use_single(topo, conn, host, port, where, errmsg))
 			return false;
-		if (!ck_deliver_prepare(conn, errmsg))
-		{
-			ck_conn_free(conn);
-			return false;
-		}
-		topo->mode = CK_MODE_STANDALONE;
-		ck_node_add(topo, host, port, conn);
-		*where = ck_describe(url, host, port);
 	}
 	ck_publish_topology(topo, false);
 	if (url->kind == CK_REDIS_SENTINEL)
