@@ -75,7 +75,7 @@ start_redis() {    # port [args...]
     die "redis-server on port $port did not start"
 }
 
-SINGLE_PORT=$(free_port 63790)
+SINGLE_PORT=$(free_port 43790)
 start_redis "$SINGLE_PORT"
 CLUSTER_PORTS=()
 p=$((SINGLE_PORT + 1))

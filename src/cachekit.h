@@ -435,6 +435,7 @@ extern bool ck_redis_call(CkConn *conn, int argc, const char **argv,
 extern char *ck_redis_format(int argc, const char **argv, const size_t *argvlen,
 							 size_t *len);
 extern void ck_redis_append_raw(CkConn *conn, const char *cmd, size_t len);
+extern bool ck_redis_send(CkConn *conn, char **errmsg);
 extern bool ck_redis_call_value(CkConn *conn, int argc, const char **argv,
 								TimestampTz deadline, CkValue *value, char **errmsg);
 extern bool ck_redis_script_load(CkConn *conn, const char *body, char *sha,

@@ -678,11 +678,21 @@ ck_recv(CkTopology *topo, CkCmd *cmd, CkReply *reply, char **errmsg)
 	{
 		CkNode	   *node = cmd->node;
 		CkCmd	   *head;
+		ListCell   *lc;
 
 		if (cmd->lost)
 		{
 			*errmsg = cmd->lost;
 			return false;
+		}
+		/* every node works on its commands while this one's replies are read */
+		foreach(lc, topo->nodes)
+		{
+			CkNode	   *other = lfirst(lc);
+
+			if (other != node && other->conn && other->conn->out.len > 0 &&
+				!ck_redis_send(other->conn, errmsg))
+				return false;
 		}
 		Assert(!dlist_is_empty(&node->fifo));
 		head = dlist_container(CkCmd, link, dlist_pop_head_node(&node->fifo));

@@ -191,6 +191,7 @@ typedef struct CkFlush
 	CkCmd	  **cmds;
 	int			nmembers;		/* cluster: the chunk being deleted */
 	char	  **members;
+	int		   *cmd_first;		/* ...sorted by slot: each UNLINK's first */
 } CkFlush;
 
 /* what one key ends up as after all entries of the batch */
@@ -410,19 +411,23 @@ ck_append_member_unlinks(CkBatch *b, CkFlush *f)
 
 	qsort_arg(f->members, f->nmembers, sizeof(char *), ck_slot_cmp, NULL);
 	f->cmds = palloc(sizeof(CkCmd *) * f->nmembers);
+	f->cmd_first = palloc(sizeof(int) * (f->nmembers + 1));
 	f->ncmds = 0;
 	for (int i = 0; i < f->nmembers;)
 	{
 		int			slot = ck_key_slot(f->members[i], strlen(f->members[i]));
 		int			argc = 1;
 
+		f->cmd_first[f->ncmds] = i;
 		argv[0] = "UNLINK";
 		while (i < f->nmembers && ck_key_slot(f->members[i], strlen(f->members[i])) == slot)
 			argv[argc++] = f->members[i++];
 		f->cmds[f->ncmds++] = ck_send_strings(b, argv[1], argc, argv);
 	}
+	f->cmd_first[f->ncmds] = f->nmembers;
 	pfree(argv);
 }
+
 
 /* Send the commands of a tag flush's next step. */
 static void
@@ -469,6 +474,29 @@ ck_append_flush_step(CkBatch *b, CkFlush *f)
 			f->ncmds = 0;
 			break;
 	}
+}
+
+/*
+ * Cluster: some of a chunk's UNLINKs were refused. The members whose
+ * delete was acknowledged leave the private set now; the others stay for
+ * the flush's retry. False on a lost connection.
+ */
+static bool
+ck_remove_deleted(CkBatch *b, CkFlush *f, const bool *deleted, char **errmsg)
+{
+	int			n = 0;
+	CkReply		reply;
+
+	for (int c = 0; c < f->ncmds; c++)
+		for (int m = f->cmd_first[c]; deleted[c] && m < f->cmd_first[c + 1]; m++)
+			f->members[n++] = f->members[m];
+	if (n == 0)
+		return true;
+	f->nmembers = n;
+	f->phase = CK_FLUSH_REMOVE;
+	ck_append_flush_step(b, f);
+	b->stats->tag_keys_deleted += n;
+	return ck_recv(b->topo, f->cmds[0], &reply, errmsg);
 }
 
 /* A chunk emptied the private set: rename the tag's set next, or done. */
@@ -853,19 +881,23 @@ ck_read_flush_step(CkBatch *b, CkFlush *f, char **errmsg)
 {
 	CkReply		reply;
 	CkReply		first;
+	bool	   *ok = palloc(sizeof(bool) * (f->ncmds + 1));
 
 	memset(&first, 0, sizeof(first));
 	for (int i = 0; i < f->ncmds; i++)
 	{
 		if (!ck_recv(b->topo, f->cmds[i], &reply, errmsg))
 			return false;
-		if (i == 0 || (reply.status != CK_REPLY_OK && first.status == CK_REPLY_OK))
+		ok[i] = (reply.status == CK_REPLY_OK);
+		if (i == 0 || (!ok[i] && first.status == CK_REPLY_OK))
 			first = reply;
 	}
 	if (first.status != CK_REPLY_OK)
 	{
 		ck_fail_group(b->entries, f->group, &first);
 		f->failed = true;
+		if (f->phase == CK_FLUSH_DELETE)
+			return ck_remove_deleted(b, f, ok, errmsg);
 	}
 	else
 		ck_advance_flush(b, f, &first);

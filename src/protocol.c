@@ -163,6 +163,14 @@ ck_conn_flush(CkConn *conn, TimestampTz deadline, char **errmsg)
 	return true;
 }
 
+/* Send what is queued now, not waiting for a read (the other nodes of a cluster). */
+bool
+ck_redis_send(CkConn *conn, char **errmsg)
+{
+	return ck_conn_flush(conn, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_command_timeout),
+						 errmsg);
+}
+
 /* The next raw reply (sending what is queued first), by the deadline. */
 static bool
 ck_conn_next(CkConn *conn, TimestampTz deadline, redisReply **reply, char **errmsg)

@@ -5,7 +5,8 @@
 # CLUSTER KEYSLOT), deletes keys and flushes tags whose members live on all
 # three primaries (one tag of 1,200 members, more than one drain chunk),
 # writes through with tags in other slots, moves a key between tags, and
-# handles {hash tags}, odd bytes and 10 kB keys. Every run ends with each
+# handles {hash tags}, odd bytes and 10 kB keys; a flush cut short by an
+# ACL refusal keeps the refused members and resumes. Every run ends with each
 # key deleted or equal to its row, no private flush set left behind, and
 # no dead letter.
 
@@ -170,6 +171,39 @@ sub run_cluster
 
 my $plain = start_cluster();
 run_cluster('plain', $plain);
+
+# A flush cut short: a worker user whose ACL refuses some members' keys.
+# Those members stay in the private set (it is in the tag's slot, they are
+# not); the deleted one leaves it; once the ACL allows them the flush
+# resumes, then flushes what joined the tag meanwhile.
+my @pn = @{ $plain->{nodes} };
+redis_cmd($_, 'ACL', 'SETUSER', 'ck', 'on', '>ckpw', 'resetkeys', '~item:*', '~tag:*',
+	'~cachekit:*', '+@all') for @pn;
+$node->append_conf('postgresql.conf',
+	"cachekit.redis_url = 'redis://ck:ckpw\@127.0.0.1:" . $pn[0]->port . "/'\n");
+my $log_offset = -s $node->logfile;
+$node->reload;
+ok(wait_for(sub { $node->log_contains('cachekit worker connected to Redis at Redis Cluster', $log_offset) },
+	30), 'connected as an ACL user');
+cluster_cli($plain, "SET item:900 c\nSET locked:1 c\nSET locked:2 c\nSADD tag:lock item:900 locked:1 locked:2\n");
+sql("SELECT cachekit_flush_tag('lock')");
+ok(wait_for(sub { (cachekit_stats($node)->{last_error} // '') =~ /NOPERM/ }, 30),
+	'members outside the ACL: the flush is refused');
+my @priv = map { redis_keys($_, 'cachekit:flushing:*') } cluster_primaries($plain);
+is(scalar @priv, 1, 'the private set remains');
+like($priv[0], qr/^cachekit:flushing:\{[0-9a-z]+\}tag:lock$/, 'named with a hash tag of the tag set\'s slot');
+is(cluster_cli($plain, undef, 'CLUSTER', 'KEYSLOT', $priv[0]),
+	cluster_cli($plain, undef, 'CLUSTER', 'KEYSLOT', 'tag:lock'), 'in the tag set\'s slot');
+is(join(',', sort split /\n/, cluster_cli($plain, undef, 'SMEMBERS', $priv[0])), 'locked:1,locked:2',
+	'only the members whose delete was refused are left in it');
+ok(!defined cluster_get($plain, 'item:900')->{'item:900'}, 'the member whose delete was acknowledged is gone');
+cluster_cli($plain, "SET item:901 c\nSADD tag:lock item:901\n");
+redis_cmd($_, 'ACL', 'SETUSER', 'ck', '~locked:*') for @pn;
+ok(sql("SELECT cachekit_wait('60 s')") eq 't', 'the flush resumed and finished');
+my $left = cluster_get($plain, 'locked:1', 'locked:2', 'item:901');
+is(scalar(grep { defined } values %$left), 0, 'the refused members and the later one are gone');
+is(nkeys($plain, 'cachekit:flushing:*') + nkeys($plain, 'tag:lock'), 0, 'no set is left');
+is(sql('SELECT count(*) FROM cachekit_dead_letter'), '0', 'no dead letter');
 $_->stop for @{ $plain->{nodes} };
 
 my $tls = start_cluster(pki => $pki);
