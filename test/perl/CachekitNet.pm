@@ -357,11 +357,13 @@ sub start_cluster
 	my $pki       = $opts{pki};
 	my @args = ('--cluster-enabled', 'yes', '--cluster-node-timeout', $opts{node_timeout} // 2000,
 		@{ $opts{args} // [] });
+	# the cluster bus port is a free port too (not the default port + 10000)
 	my @nodes = map {
+		my @bus = ('--cluster-port', PostgreSQL::Test::Cluster::get_free_port());
 		$pki
 		  ? start_tls_redis($pki,
-			args => [ @args, '--tls-cluster', 'yes', '--tls-replication', 'yes' ])
-		  : start_redis(args => \@args)
+			args => [ @args, @bus, '--tls-cluster', 'yes', '--tls-replication', 'yes' ])
+		  : start_redis(args => [ @args, @bus ])
 	} 1 .. $primaries * (1 + $replicas);
 	my $cl = { nodes => \@nodes, pki => $pki };
 	my @create = ('redis-cli', _cli_tls($cl), '--cluster', 'create',
