@@ -312,6 +312,7 @@ CREATE FUNCTION @extschema@.cachekit_key_slot(key pg_catalog.text)
 RETURNS pg_catalog.int4
 AS 'MODULE_PATHNAME', 'cachekit_key_slot'
 LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_key_slot(pg_catalog.text) FROM PUBLIC;
 
 -- cachekit_stats gains the topology's columns (at the end).
 CREATE OR REPLACE VIEW @extschema@.cachekit_stats AS
