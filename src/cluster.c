@@ -201,6 +201,16 @@ ck_node_find(CkTopology *topo, const char *host, int port)
 	return ck_node_add(topo, host, port, NULL);
 }
 
+/* Close a node's connection and free it. */
+static void
+ck_node_free(CkNode *node)
+{
+	ck_conn_free(node->conn);
+	pfree(node->host);
+	pfree(node->addr);
+	pfree(node);
+}
+
 /* Close every node's connection and forget the nodes. */
 void
 ck_nodes_close(CkTopology *topo)
@@ -208,7 +218,8 @@ ck_nodes_close(CkTopology *topo)
 	ListCell   *lc;
 
 	foreach(lc, topo->nodes)
-		ck_conn_free(((CkNode *) lfirst(lc))->conn);
+		ck_node_free(lfirst(lc));
+	list_free(topo->nodes);
 	topo->nodes = NIL;
 	if (topo->slots)
 		memset(topo->slots, 0, sizeof(CkNode *) * CK_NSLOTS);
@@ -396,8 +407,9 @@ ck_map_read(CkTopology *topo, CkConn *conn, char **errmsg)
 			MemoryContextSwitchTo(old);
 		}
 		else
-			ck_conn_free(node->conn);
+			ck_node_free(node);
 	}
+	list_free(old_nodes);
 	if (topo->slots == NULL)
 		topo->slots = MemoryContextAllocZero(topo->cxt, sizeof(CkNode *) * CK_NSLOTS);
 	memcpy(topo->slots, slots, sizeof(CkNode *) * CK_NSLOTS);
@@ -726,10 +738,11 @@ ck_nodes_wait(CkTopology *topo, char **errmsg)
 		const char *argv[3] = {"WAIT", psprintf("%d", node->replicas), timeout};
 		size_t		lens[3] = {4, strlen(argv[1]), strlen(argv[2])};
 		CkCmd	   *cmd;
+		bool		written = node->written;
 
-		if (!node->written || node->replicas <= 0)
-			continue;
 		node->written = false;
+		if (!written || node->replicas <= 0)
+			continue;
 		cmd = palloc0(sizeof(CkCmd));
 		cmd->raw = ck_redis_format(3, argv, lens, &cmd->rawlen);
 		ck_node_send(topo, node, cmd);
