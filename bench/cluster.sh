@@ -41,15 +41,11 @@ DRAIN_ENTRIES=${DRAIN_ENTRIES:-$d_drain}
 LAT_SAMPLES=${LAT_SAMPLES:-$d_lat}
 BENCH_ROWS=${BENCH_ROWS:-100000}
 
-[[ $(id -u) -eq 0 ]] || { echo "bench/cluster.sh: must be run as root" >&2; exit 1; }
-WORK=$(mktemp -d /tmp/cachekit-cluster-bench.XXXXXX)
 # shellcheck source=bench/lib.sh
 source "$BENCH_DIR/lib.sh"
-bench_build
+bench_init cluster
 
 # ---- Redis: one node, and a cluster ----------------------------------------------------
-chown postgres:postgres "$WORK"
-chmod 0755 "$WORK"
 REDIS_PIDS=()
 cleanup() {
     set +e

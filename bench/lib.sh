@@ -1,6 +1,6 @@
 # bench/lib.sh -- pieces shared by the side-by-side benchmarks (bench/tls.sh,
-# bench/cluster.sh), sourced after they set BENCH_DIR, REPO_DIR, NODE_DIR,
-# PG_BIN and WORK: messages, free ports, cachekit built and installed, the
+# bench/cluster.sh), sourced after they set BENCH_DIR, REPO_DIR, NODE_DIR and
+# PG_BIN: a work folder, messages, free ports, cachekit built and installed, the
 # node helpers installed, a PostgreSQL with cachekit and a users table, the
 # worker pointed at a URL, the row trigger on or off, and the median with
 # min-max of a result series.
@@ -17,6 +17,16 @@ free_port() {
 }
 now_ms() { date +%s%3N; }
 calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
+
+# as root, a work folder $WORK (/tmp/cachekit-$1-bench.*) PostgreSQL may
+# use, cachekit built and installed, the node helpers installed
+bench_init() {
+    [[ $(id -u) -eq 0 ]] || die "must be run as root"
+    WORK=$(mktemp -d "/tmp/cachekit-$1-bench.XXXXXX")
+    chown postgres:postgres "$WORK"
+    chmod 0755 "$WORK"
+    bench_build
+}
 
 # build and install cachekit (unless BENCH_SKIP_BUILD=1), npm install bench/node
 bench_build() {

@@ -41,15 +41,11 @@ TPS_SECONDS=${TPS_SECONDS:-$d_tps}
 BENCH_ROWS=${BENCH_ROWS:-100000}
 BENCH_CLIENTS=${BENCH_CLIENTS:-2}
 
-[[ $(id -u) -eq 0 ]] || { echo "bench/tls.sh: must be run as root" >&2; exit 1; }
-WORK=$(mktemp -d /tmp/cachekit-tls-bench.XXXXXX)
 # shellcheck source=bench/lib.sh
 source "$BENCH_DIR/lib.sh"
-bench_build
+bench_init tls
 
 # ---- servers ------------------------------------------------------------------------
-chown postgres:postgres "$WORK"
-chmod 0755 "$WORK"
 REDIS_PID= 
 cleanup() {
     set +e

@@ -321,7 +321,8 @@ ck_seed_connect(CkTopology *topo, char **host, int *port, char **errmsg)
 
 	if (url->kind == CK_REDIS_UNIX || url->nhosts == 0)
 	{
-		*host = url->host;
+		/* a unix socket's node is named by its path */
+		*host = url->kind == CK_REDIS_UNIX ? url->path : url->host;
 		*port = url->port;
 		return ck_topology_open_node(topo, *host, *port, errmsg);
 	}
