@@ -48,9 +48,19 @@ function percentile(sorted, p) {
 async function main() {
   const ports = clusterPorts.length ? clusterPorts : [redisPort];
   const nodes = ports.map((port) => new Redis({ host: '127.0.0.1', port }));
-  const cmd = clusterPorts.length
-    ? new Redis.Cluster(ports.map((port) => ({ host: '127.0.0.1', port })))
-    : nodes[0];
+  // a key's node in a cluster: asked once, then remembered (MOVED names it)
+  const nodeOf = new Map();
+  const setCached = async (key) => {
+    const node = nodeOf.get(key) || nodes[0];
+    try {
+      await node.set(key, 'cached');
+    } catch (err) {
+      const moved = /^MOVED \d+ [^ ]*:(\d+)$/.exec(err.message);
+      if (!moved) throw err;
+      nodeOf.set(key, nodes[ports.indexOf(Number(moved[1]))]);
+      await nodeOf.get(key).set(key, 'cached');
+    }
+  };
   const pg = new Client();
   await pg.connect();
 
@@ -89,7 +99,7 @@ async function main() {
   for (let i = 0; i < warmup + samples; i++) {
     const id = idFirst + Math.floor(Math.random() * (idLast - idFirst + 1));
     const key = `user:${id}`;
-    await cmd.set(key, 'cached');
+    await setCached(key);
 
     let timer;
     const seen = new Promise((resolve) => {
@@ -122,7 +132,6 @@ async function main() {
     sub.disconnect();
   }
   for (const n of nodes) n.disconnect();
-  if (cmd !== nodes[0]) cmd.disconnect();
   await pg.end();
 
   if (process.env.RAW_FILE) {
