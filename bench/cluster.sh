@@ -2,7 +2,7 @@
 # bench/cluster.sh -- cachekit against a 3-primary Redis Cluster beside a
 # single Redis node, side by side, as root.
 #
-#   bash bench/cluster.sh                 full run (1M-entry drains; about 15-25 minutes)
+#   bash bench/cluster.sh                 full run (1M-entry drains; about 5-10 minutes)
 #   QUICK=1 bash bench/cluster.sh         smoke run (about 3 minutes)
 #
 # One single redis-server, and a cluster of CLUSTER_PRIMARIES primaries (no
