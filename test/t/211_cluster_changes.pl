@@ -1,5 +1,5 @@
 # test/t/211_cluster_changes.pl -- a Redis Cluster (3 primaries, 3 replicas)
-# that changes under cachekit: a slot migration in progress (CLUSTER SETSLOT
+# that changes under cachekit: scripts flushed (NOSCRIPT), a slot migration in progress (CLUSTER SETSLOT
 # MIGRATING/IMPORTING and MIGRATE, so that ASK and TRYAGAIN really happen),
 # a whole redis-cli --cluster reshard while pgbench writes, CLUSTER FAILOVER
 # on a replica and a killed primary under load, and a primary down with no
@@ -78,6 +78,15 @@ sub finish_load
 	like($w->{out}, qr/number of transactions actually processed: [1-9]/,
 		"$label: the load committed transactions") or diag $w->{err};
 }
+
+# ---- NOSCRIPT: scripts flushed on every node are loaded again on demand ------
+
+my $failed0 = cachekit_stats($node)->{failed_attempts};
+redis_cmd($_, 'SCRIPT', 'FLUSH') for cluster_primaries($cl);
+sql('UPDATE wt SET v = v + 1 WHERE id <= 20');
+ok(sql("SELECT cachekit_wait('30 s')") eq 't', 'writes after SCRIPT FLUSH delivered');
+is(cachekit_stats($node)->{failed_attempts}, $failed0,
+	'NOSCRIPT: the scripts were loaded on the node and the command sent again, no failed attempt');
 
 # ---- a slot migration in progress: ASK, then TRYAGAIN ------------------------
 
