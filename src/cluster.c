@@ -758,7 +758,7 @@ ck_nodes_wait(CkTopology *topo, char **errmsg)
 			return false;
 		if (reply.status != CK_REPLY_OK || reply.integer < node->replicas)
 		{
-			*errmsg = reply.error ? psprintf("WAIT failed on %s: %s", node->addr, reply.error) :
+			*errmsg = reply.error ? psprintf("WAIT failed: %s (Redis at %s)", reply.error, node->addr) :
 				psprintf("Redis at %s: %lld of %d replicas acknowledged the batch in time",
 						 node->addr, Max(reply.integer, 0), node->replicas);
 			if (node->conn)
