@@ -7,7 +7,8 @@
  *
  * A topology (topology.c) holds one node for a single Redis or a Sentinel's
  * master, or every primary of a cluster with the map of which primary
- * serves which of the 16384 slots (read with CLUSTER SHARDS). A key's slot
+ * serves which of the 16384 slots (read with CLUSTER SHARDS, or CLUSTER
+ * SLOTS where that is refused: Redis before 7, an ACL). A key's slot
  * is CRC16 of the key, or of its {hash tag}, modulo 16384.
  *
  * Delivery sends a command with ck_send (naming the key that routes it)
@@ -361,37 +362,91 @@ ck_map_shard(CkTopology *topo, CkValue *shard, CkNode **slots, List **primaries)
 	return true;
 }
 
+/* One range of CLUSTER SLOTS (Redis before 7) into the new map; false if malformed. */
+static bool
+ck_map_range(CkTopology *topo, CkValue *range, CkNode **slots, List **primaries)
+{
+	CkNode	   *node;
+	long long	lo,
+				hi;
+
+	if (range->type != CK_VALUE_ARRAY || range->n < 3 ||
+		range->elems[0].type != CK_VALUE_INTEGER || range->elems[1].type != CK_VALUE_INTEGER)
+		return false;
+	for (int i = 2; i < range->n; i++)
+	{
+		CkValue    *n = &range->elems[i];
+
+		if (n->type != CK_VALUE_ARRAY || n->n < 2 || n->elems[0].type != CK_VALUE_STRING ||
+			n->elems[0].str[0] == '\0' || n->elems[1].type != CK_VALUE_INTEGER)
+			return false;
+		ck_note_known(topo, n->elems[0].str, (int) n->elems[1].integer);
+	}
+	lo = range->elems[0].integer;
+	hi = range->elems[1].integer;
+	if (lo < 0 || hi >= CK_NSLOTS || lo > hi)
+		return false;
+	node = ck_node_find(topo, range->elems[2].elems[0].str, (int) range->elems[2].elems[1].integer);
+	node->replicas = range->n - 3;	/* failed replicas are not listed */
+	if (!list_member_ptr(*primaries, node))
+		*primaries = lappend(*primaries, node);
+	for (long long s = lo; s <= hi; s++)
+		slots[s] = node;
+	return true;
+}
+
 /*
- * Read the slot map with CLUSTER SHARDS on a connection: the slots' nodes
- * become the topology's nodes (connections of nodes kept are kept, those
- * of nodes that serve no slot any more are closed).
+ * Read the map with CLUSTER SHARDS (Redis 7), or CLUSTER SLOTS where that
+ * is refused (an older Redis, an ACL); false with *errmsg if neither works.
+ */
+static bool
+ck_map_query(CkTopology *topo, CkConn *conn, CkNode **slots, List **primaries, char **errmsg)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_connect_timeout);
+	const char *argv[2] = {"CLUSTER", "SHARDS"};
+	CkValue		v;
+	bool		shards = true;
+
+	if (!ck_redis_call_value(conn, 2, argv, deadline, &v, errmsg))
+		return false;
+	if (v.type == CK_VALUE_ERROR)
+	{
+		argv[1] = "SLOTS";
+		shards = false;
+		if (!ck_redis_call_value(conn, 2, argv, deadline, &v, errmsg))
+			return false;
+	}
+	if (v.type != CK_VALUE_ARRAY)
+	{
+		*errmsg = psprintf("Redis at %s: CLUSTER %s failed: %s", conn->where, argv[1],
+						   v.type == CK_VALUE_ERROR ? v.str : "unexpected reply");
+		return false;
+	}
+	for (int i = 0; i < v.n; i++)
+		if (!(shards ? ck_map_shard(topo, &v.elems[i], slots, primaries) :
+			  ck_map_range(topo, &v.elems[i], slots, primaries)))
+		{
+			*errmsg = psprintf("Redis at %s: CLUSTER %s: unexpected reply", conn->where, argv[1]);
+			return false;
+		}
+	return true;
+}
+
+/*
+ * Read the slot map on a connection: the slots' primaries become the
+ * topology's nodes (connections of nodes kept are kept, those of nodes
+ * that serve no slot any more are closed).
  */
 static bool
 ck_map_read(CkTopology *topo, CkConn *conn, char **errmsg)
 {
-	const char *argv[2] = {"CLUSTER", "SHARDS"};
-	CkValue		v;
 	CkNode	  **slots = palloc0(sizeof(CkNode *) * CK_NSLOTS);
 	List	   *primaries = NIL;
 	List	   *old_nodes;
 	ListCell   *lc;
 
-	if (!ck_redis_call_value(conn, 2, argv,
-							 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_connect_timeout),
-							 &v, errmsg))
+	if (!ck_map_query(topo, conn, slots, &primaries, errmsg))
 		return false;
-	if (v.type != CK_VALUE_ARRAY)
-	{
-		*errmsg = psprintf("Redis at %s: CLUSTER SHARDS failed: %s", conn->where,
-						   v.type == CK_VALUE_ERROR ? v.str : "unexpected reply");
-		return false;
-	}
-	for (int i = 0; i < v.n; i++)
-		if (!ck_map_shard(topo, &v.elems[i], slots, &primaries))
-		{
-			*errmsg = psprintf("Redis at %s: CLUSTER SHARDS: unexpected reply", conn->where);
-			return false;
-		}
 	/* nodes serving no slot any more are let go */
 	old_nodes = topo->nodes;
 	topo->nodes = NIL;

@@ -177,14 +177,19 @@ run_cluster('plain', $plain);
 # not); the deleted one leaves it; once the ACL allows them the flush
 # resumes, then flushes what joined the tag meanwhile.
 my @pn = @{ $plain->{nodes} };
+# (CLUSTER SHARDS refused too: the map is read with CLUSTER SLOTS, as from a
+# Redis before 7)
 redis_cmd($_, 'ACL', 'SETUSER', 'ck', 'on', '>ckpw', 'resetkeys', '~item:*', '~tag:*',
-	'~cachekit:*', '+@all') for @pn;
+	'~cachekit:*', '+@all', '-cluster|shards') for @pn;
+my $read_at = cachekit_stats($node)->{slot_map_read_at};
 $node->append_conf('postgresql.conf',
 	"cachekit.redis_url = 'redis://ck:ckpw\@127.0.0.1:" . $pn[0]->port . "/'\n");
 my $log_offset = -s $node->logfile;
 $node->reload;
 ok(wait_for(sub { $node->log_contains('cachekit worker connected to Redis at Redis Cluster', $log_offset) },
 	30), 'connected as an ACL user');
+isnt(cachekit_stats($node)->{slot_map_read_at}, $read_at,
+	'the slot map was read with CLUSTER SLOTS, CLUSTER SHARDS being refused');
 cluster_cli($plain, "SET item:900 c\nSET locked:1 c\nSET locked:2 c\nSADD tag:lock item:900 locked:1 locked:2\n");
 sql("SELECT cachekit_flush_tag('lock')");
 ok(wait_for(sub { (cachekit_stats($node)->{last_error} // '') =~ /NOPERM/ }, 30),
