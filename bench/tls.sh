@@ -41,34 +41,11 @@ TPS_SECONDS=${TPS_SECONDS:-$d_tps}
 BENCH_ROWS=${BENCH_ROWS:-100000}
 BENCH_CLIENTS=${BENCH_CLIENTS:-2}
 
-say() { printf '%s ==> %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf 'bench/tls.sh: %s\n' "$*" >&2; exit 1; }
-[[ $(id -u) -eq 0 ]] || die "must be run as root"
-
-free_port() {
-    local p=$1
-    while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
-    echo "$p"
-}
-now_ms() { date +%s%3N; }
-calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
-
-# ---- build, node helpers ------------------------------------------------------------
-if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    say "building and installing cachekit (test/setup.sh)"
-    CACHEKIT_BUILD_DIR=${BENCH_BUILD_DIR:-/tmp/cachekit-bench-build} CACHEKIT_PG_BIN=$PG_BIN \
-        bash "$REPO_DIR/test/setup.sh" >/dev/null
-fi
-if [[ ! -d $NODE_DIR/node_modules/ioredis ]]; then
-    say "npm install in bench/node (pg, ioredis)"
-    (cd "$NODE_DIR" && npm install --no-audit --no-fund --no-package-lock --loglevel=error >/dev/null) \
-        || die "npm install failed"
-fi
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
+bench_init tls
 
 # ---- servers ------------------------------------------------------------------------
-WORK=$(mktemp -d /tmp/cachekit-tls-bench.XXXXXX)
-chown postgres:postgres "$WORK"
-chmod 0755 "$WORK"
 REDIS_PID= 
 cleanup() {
     set +e
@@ -105,81 +82,22 @@ rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 for ((n = 0; n < 200; n++)); do [[ $(rcli PING 2>/dev/null) == PONG ]] && break; sleep 0.05; done
 [[ $(rcli PING 2>/dev/null) == PONG ]] || die "redis-server did not start"
 
-PG_DATA=$WORK/pgdata
-say "PostgreSQL on port $PG_PORT"
-runuser -u postgres -- "$PG_BIN/initdb" -D "$PG_DATA" -U postgres -A trust --no-locale -E UTF8 >"$WORK/initdb.log" 2>&1 \
-    || die "initdb failed"
 PLAIN_URL="redis://127.0.0.1:$REDIS_PORT/0"
 TLS_URL="rediss://127.0.0.1:$TLS_PORT/0"
-cat >>"$PG_DATA/postgresql.conf" <<EOF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-shared_preload_libraries = 'cachekit'
-synchronous_commit = off
-shared_buffers = 1GB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-cachekit.redis_url = '$PLAIN_URL'
+bench_pg_start "$PG_PORT" "$PLAIN_URL" <<EOF
 cachekit.redis_tls_ca_file = '$WORK/ca.crt'
-cachekit.database = 'postgres'
 EOF
-runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$WORK/postgres.log" -w -t 120 start >/dev/null \
-    || die "PostgreSQL did not start"
-export PGHOST=$WORK PGPORT=$PG_PORT PGUSER=postgres PGDATABASE=postgres
-export PGOPTIONS='-c client_min_messages=warning'
-q() { "$PG_BIN/psql" -X -qAt -v ON_ERROR_STOP=1 -c "$1"; }
-
-q "CREATE EXTENSION cachekit"
-q "CREATE TABLE users (id int PRIMARY KEY, email text, team_id int, name text, updated_at timestamptz)"
-q "INSERT INTO users SELECT g, 'u' || g || '@x', g % 100, 'n' || g, now() FROM generate_series(1, $BENCH_ROWS) g"
-q "VACUUM ANALYZE users"
 printf '\\set id random(1, %d)\nUPDATE users SET name = name, updated_at = now() WHERE id = :id;\n' \
     $((BENCH_ROWS - 1000)) >"$WORK/update.sql"
 chmod 0644 "$WORK/update.sql"
 
-use_url() {    # url
-    q "ALTER SYSTEM SET cachekit.redis_url = '$1'" >/dev/null
-    q "SELECT pg_reload_conf()" >/dev/null
-    for ((n = 0; n < 400; n++)); do
-        [[ $(q "SELECT redis_connected FROM cachekit_stats") == t ]] && return 0
-        sleep 0.05
-    done
-    die "the worker did not connect to $1"
-}
-set_trigger() {    # on|off
-    q "DROP TRIGGER IF EXISTS bench_trg ON users" >/dev/null
-    [[ $1 == off ]] || q "CREATE TRIGGER bench_trg AFTER UPDATE ON users FOR EACH ROW EXECUTE FUNCTION cachekit_invalidate('user:{id}')" >/dev/null
-}
-
 RESULTS=$WORK/results
-res() { echo "$1 $2" >>"$RESULTS"; }
 
 drain() {    # name url
-    local e0 ms
-    set_trigger off
-    q "SELECT cachekit_wait('10 minutes')" >/dev/null
-    q "VACUUM cachekit_queue" >/dev/null
+    local ms
     rcli FLUSHALL >/dev/null
-    q "ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:1/0'" >/dev/null
-    q "SELECT pg_reload_conf()" >/dev/null
-    sleep 0.5
-    # one entry per key (cachekit_delete in one statement gathers them into few)
-    q "INSERT INTO cachekit_queue (kind, keys) SELECT 'i', ARRAY['k:' || g] FROM generate_series(0, $((DRAIN_ENTRIES - 1))) g" >/dev/null
-    rcli DEBUG POPULATE "$DRAIN_ENTRIES" k >/dev/null
-    q "CHECKPOINT" >/dev/null
-    q "ALTER SYSTEM SET cachekit.redis_url = '$2'" >/dev/null
-    # the end is seen by polling the worker's counter in short transactions:
-    # one long wait (cachekit_wait) would hold back the cleanup of the
-    # queue's deleted entries, which the worker's reads then wade through
-    e0=$(q "SELECT entries_delivered FROM cachekit_worker_state()")
-    local t0; t0=$(now_ms)
-    q "SELECT pg_reload_conf()" >/dev/null
-    while (($(q "SELECT entries_delivered FROM cachekit_worker_state()") < e0 + DRAIN_ENTRIES)); do
-        (($(now_ms) - t0 < 1800000)) || die "drain over $1 did not finish"
-        sleep 0.01
-    done
-    ms=$(($(now_ms) - t0))
+    drain_backlog rcli DEBUG POPULATE "$DRAIN_ENTRIES" k
+    ms=$(drain_time "$2")
     [[ $(rcli DBSIZE) == 0 ]] || say "    !!! keys left in Redis after the drain over $1"
     res "drain.$1" "$(calc "$DRAIN_ENTRIES / ($ms / 1000)")"
     say "    drain over $1: $(calc "$DRAIN_ENTRIES / ($ms / 1000)") keys/s ($ms ms)"
@@ -237,14 +155,6 @@ for ((r = 1; r <= TLS_ROUNDS; r++)); do
         esac
     done
 done
-
-# median and min-max of a result series
-summary() {    # key decimals
-    grep "^$1 " "$RESULTS" | cut -d' ' -f2 | sort -g | awk -v d="$2" '
-        { v[NR] = $1 }
-        END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2;
-              printf "%.*f (%.*f-%.*f)", d, m, d, v[1], d, v[NR] }'
-}
 
 {
     echo "cachekit over TLS vs plain TCP, $(date -u '+%Y-%m-%d %H:%M UTC'), $TLS_ROUNDS interleaved rounds"

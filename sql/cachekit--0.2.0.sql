@@ -422,3 +422,56 @@ FROM @extschema@.cachekit_target_state() AS s
 	 LEFT JOIN dead d ON d.target OPERATOR(pg_catalog.=) COALESCE(s.target, o.target);
 REVOKE ALL ON @extschema@.cachekit_target_stats FROM PUBLIC;
 GRANT SELECT ON @extschema@.cachekit_target_stats TO pg_monitor;
+
+-- ---- Redis Cluster (issue 11): the topology in cachekit_stats, the slot function ----
+-- The Redis topology the worker last connected to: standalone (one node, or
+-- a Sentinel's master) or cluster, how many nodes it writes to (a cluster's
+-- primaries), when it last read the cluster's slot map, and how many MOVED
+-- and ASK redirections it followed since the server started. Monitoring
+-- data, like cachekit_worker_state.
+CREATE FUNCTION @extschema@.cachekit_topology_state(
+	OUT redis_mode pg_catalog.text,
+	OUT redis_nodes pg_catalog.int4,
+	OUT slot_map_read_at pg_catalog.timestamptz,
+	OUT redirects_followed pg_catalog.int8)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cachekit_topology_state'
+LANGUAGE C STRICT VOLATILE;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_topology_state() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.cachekit_topology_state() TO pg_monitor;
+
+-- The Redis Cluster slot of a key as cachekit routes it (CRC16 of the key
+-- or of its {hash tag}, modulo 16384): to check which keys share a slot.
+CREATE FUNCTION @extschema@.cachekit_key_slot(key pg_catalog.text)
+RETURNS pg_catalog.int4
+AS 'MODULE_PATHNAME', 'cachekit_key_slot'
+LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+REVOKE ALL ON FUNCTION @extschema@.cachekit_key_slot(pg_catalog.text) FROM PUBLIC;
+
+-- cachekit_stats gains the topology's columns (at the end).
+CREATE OR REPLACE VIEW @extschema@.cachekit_stats AS
+SELECT q.queue_depth,
+	   pg_catalog.now() OPERATOR(pg_catalog.-) q.oldest_enqueued_at AS oldest_entry_age,
+	   q.oldest_enqueued_at,
+	   (SELECT pg_catalog.count(*) FROM @extschema@.cachekit_dead_letter) AS dead_letters,
+	   w.keys_deleted,
+	   w.tags_flushed,
+	   w.tag_keys_deleted,
+	   w.keys_written,
+	   w.values_too_large,
+	   w.entries_delivered,
+	   w.failed_attempts,
+	   w.dead_lettered,
+	   w.last_error,
+	   w.last_error_at,
+	   w.last_delivery_at,
+	   w.redis_connected,
+	   w.worker_pid,
+	   t.redis_mode,
+	   t.redis_nodes,
+	   t.slot_map_read_at,
+	   t.redirects_followed
+FROM (SELECT pg_catalog.count(*) AS queue_depth, pg_catalog.min(enqueued_at) AS oldest_enqueued_at
+	  FROM @extschema@.cachekit_queue) AS q,
+	 @extschema@.cachekit_worker_state() AS w,
+	 @extschema@.cachekit_topology_state() AS t;

@@ -18,6 +18,9 @@ ALTER SYSTEM SET cachekit.redis_url = 'redis-sentinel://127.0.0.1';
 ALTER SYSTEM SET cachekit.redis_url = 'unix://:s3cret@relative.sock';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:6379/0 extra';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://127.0.0.1:6379/0#mymaster';
+-- several hosts are Redis Cluster seeds, and a cluster has only database 0
+ALTER SYSTEM SET cachekit.redis_url = 'redis://:s3cret@127.0.0.1:7000,127.0.0.1:7001/2';
+ALTER SYSTEM SET cachekit.redis_url = 'rediss://127.0.0.1:7000,:7001/';
 ALTER SYSTEM SET cachekit.redis_url = 'redis-sentinel://:s3cret@h1,,h3/0#mymaster';
 ALTER SYSTEM SET cachekit.redis_url = 'redis-sentinel://:s3cret@h1:26379/0?sentinel_passwd=x#mymaster';
 ALTER SYSTEM SET cachekit.redis_url = 'redis://h1/0?sentinel_password=x';
@@ -41,6 +44,7 @@ CREATE TRIGGER watched_cache AFTER INSERT OR UPDATE ON watched
 GRANT INSERT, UPDATE, SELECT ON watched TO ck_writer;
 GRANT SELECT ON cachekit_stats TO ck_monitor;
 GRANT EXECUTE ON FUNCTION cachekit_worker_state() TO ck_monitor;
+GRANT EXECUTE ON FUNCTION cachekit_topology_state() TO ck_monitor;
 GRANT EXECUTE ON FUNCTION cachekit_wait(interval) TO ck_monitor;
 
 SET ROLE ck_writer;
@@ -88,6 +92,9 @@ SELECT has_function_privilege('public', 'cachekit_worker_state()', 'EXECUTE') AS
 	   has_function_privilege('pg_monitor', 'cachekit_worker_state()', 'EXECUTE') AS pg_monitor_may_execute,
 	   has_table_privilege('pg_monitor', 'cachekit_stats', 'SELECT') AS pg_monitor_may_read;
 
+-- the Redis Cluster slot of a key: CRC16 of the key or of its {hash tag}
+SELECT k, cachekit_key_slot(k) FROM (VALUES ('123456789'), ('{123456789}x'), ('a{123456789}{b}'),
+	('{}123456789'), ('{123456789'), ('x}{123456789}'), ('')) AS v(k);
 DROP TABLE watched;
 DROP EXTENSION cachekit;
 REVOKE ALL ON SCHEMA public FROM ck_writer;

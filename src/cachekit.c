@@ -55,6 +55,15 @@ static const struct config_enum_entry ck_tls_verify_options[] = {
 	{NULL, 0, false}
 };
 
+int			ck_redis_mode = CK_MODE_AUTO;
+
+static const struct config_enum_entry ck_redis_mode_options[] = {
+	{"auto", CK_MODE_AUTO, false},
+	{"standalone", CK_MODE_STANDALONE, false},
+	{"cluster", CK_MODE_CLUSTER, false},
+	{NULL, 0, false}
+};
+
 /*---- shared state ----*/
 
 CachekitShared *ck_shared = NULL;
@@ -75,6 +84,8 @@ static void ck_emit_log(ErrorData *edata);
 static void ck_define_connection_settings(void);
 
 PG_FUNCTION_INFO_V1(cachekit_worker_state);
+PG_FUNCTION_INFO_V1(cachekit_topology_state);
+PG_FUNCTION_INFO_V1(cachekit_key_slot);
 
 /* Module load: define settings, ask for shared memory, register the worker. */
 void
@@ -277,6 +288,16 @@ ck_define_connection_settings(void)
 							 PGC_SIGHUP,
 							 GUC_SUPERUSER_ONLY,
 							 NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("cachekit.redis_mode",
+							 "What cachekit.redis_url's hosts are: auto (a cluster if the first one reached says so), standalone, cluster.",
+							 NULL,
+							 &ck_redis_mode,
+							 CK_MODE_AUTO,
+							 ck_redis_mode_options,
+							 PGC_SIGHUP,
+							 GUC_SUPERUSER_ONLY,
+							 NULL, NULL, NULL);
 }
 
 /* Bytes of the slots: cachekit.max_databases, and one for probes. */
@@ -320,7 +341,11 @@ ck_slot_reset(CachekitShared *slot, Oid dboid)
 	slot->floor_queue = InvalidOid;
 	slot->delivered_floor = 0;
 	slot->drained_pass = 0;
+	slot->redis_mode = 0;
+	slot->redis_nodes = 0;
+	slot->topology_refreshed_at = 0;
 	SpinLockRelease(&slot->mutex);
+	pg_atomic_write_u64(&slot->redirects_followed, 0);
 	pg_atomic_write_u64(&slot->keys_deleted, 0);
 	pg_atomic_write_u64(&slot->tags_flushed, 0);
 	pg_atomic_write_u64(&slot->tag_keys_deleted, 0);
@@ -362,6 +387,7 @@ ck_shmem_startup(void)
 			pg_atomic_init_u64(&slot->dead_lettered, 0);
 			pg_atomic_init_u32(&slot->wake_requested, 0);
 			pg_atomic_init_u64(&slot->passes, 0);
+			pg_atomic_init_u64(&slot->redirects_followed, 0);
 		}
 	}
 	ck_launcher = ShmemInitStruct("cachekit launcher", ck_launcher_size(), &found);
@@ -686,6 +712,22 @@ ck_set_last_error(const char *msg)
 	SpinLockRelease(&ck_shared->mutex);
 }
 
+/* The row type of a state function, once the shared state is known to exist. */
+static TupleDesc
+ck_state_tupdesc(FunctionCallInfo fcinfo)
+{
+	TupleDesc	tupdesc;
+
+	if (ck_slots == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cachekit is not loaded"),
+				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	return tupdesc;
+}
+
 /* cachekit_worker_state(): the worker's counters, behind cachekit_stats. */
 Datum
 cachekit_worker_state(PG_FUNCTION_ARGS)
@@ -702,14 +744,7 @@ cachekit_worker_state(PG_FUNCTION_ARGS)
 	CachekitShared *slot = ck_my_slot();
 	CachekitShared empty;
 
-	if (ck_slots == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("cachekit is not loaded"),
-				 errhint("Add cachekit to shared_preload_libraries and restart the server.")));
-
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
+	tupdesc = ck_state_tupdesc(fcinfo);
 
 	/* no worker serves this database: zeros */
 	if (slot == NULL)
@@ -758,4 +793,55 @@ cachekit_worker_state(PG_FUNCTION_ARGS)
 	i++;
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* cachekit_topology_state(): the Redis topology the worker last connected to. */
+Datum
+cachekit_topology_state(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+	int			mode;
+	int			nodes;
+	TimestampTz refreshed_at;
+	CachekitShared *slot;
+	uint64		redirects = 0;
+
+	tupdesc = ck_state_tupdesc(fcinfo);
+	slot = ck_my_slot();
+	mode = nodes = 0;
+	refreshed_at = 0;
+	if (slot != NULL)
+	{
+		SpinLockAcquire(&slot->mutex);
+		mode = slot->redis_mode;
+		nodes = slot->redis_nodes;
+		refreshed_at = slot->topology_refreshed_at;
+		SpinLockRelease(&slot->mutex);
+		redirects = pg_atomic_read_u64(&slot->redirects_followed);
+	}
+
+	if (mode == 0)
+		nulls[0] = nulls[1] = true;
+	else
+	{
+		values[0] = CStringGetTextDatum(mode == CK_MODE_CLUSTER ? "cluster" : "standalone");
+		values[1] = Int32GetDatum(nodes);
+	}
+	if (refreshed_at != 0)
+		values[2] = TimestampTzGetDatum(refreshed_at);
+	else
+		nulls[2] = true;
+	values[3] = Int64GetDatum(redirects);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* cachekit_key_slot(key): the Redis Cluster slot of a key, as cachekit routes it. */
+Datum
+cachekit_key_slot(PG_FUNCTION_ARGS)
+{
+	text	   *key = PG_GETARG_TEXT_PP(0);
+
+	PG_RETURN_INT32(ck_key_slot(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key)));
 }

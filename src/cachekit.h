@@ -59,6 +59,12 @@ extern int	ck_max_value_bytes;
 extern int	ck_dead_letter_after;
 extern int	ck_batch_bytes;
 extern int	ck_redelete_after;
+extern int	ck_redis_mode;
+
+/* cachekit.redis_mode: what cachekit.redis_url's hosts are taken for */
+#define CK_MODE_AUTO		0	/* a cluster if the first seed reached says so */
+#define CK_MODE_STANDALONE	1
+#define CK_MODE_CLUSTER		2
 
 /*---- shared memory (cachekit.c) ----*/
 
@@ -102,6 +108,11 @@ typedef struct CachekitShared
 	pg_atomic_uint64 entries_delivered;
 	pg_atomic_uint64 failed_attempts;
 	pg_atomic_uint64 dead_lettered;
+	/* the Redis topology as the worker last connected to it (cluster.c) */
+	int			redis_mode;		/* CK_MODE_STANDALONE or _CLUSTER; 0: not yet */
+	int			redis_nodes;	/* nodes written to: 1, or the cluster's primaries */
+	TimestampTz topology_refreshed_at;	/* the last slot map read, or 0 */
+	pg_atomic_uint64 redirects_followed;	/* MOVED and ASK replies followed */
 } CachekitShared;
 
 extern CachekitShared *ck_shared;	/* in a worker: its own slot */
@@ -320,17 +331,20 @@ typedef struct CkDeliveryStats
 } CkDeliveryStats;
 
 typedef struct CkConn CkConn;	/* a Redis connection, see protocol.c */
+typedef struct CkTopology CkTopology;	/* where commands go, see topology.c */
 
 extern CkErrorClass ck_error_class(const char *msg);
 extern bool ck_deliver_prepare(CkConn *conn, char **errmsg);
-extern bool ck_deliver(CkConn *conn, CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg);
+extern const char *const *ck_deliver_scripts(int *n);
+extern bool ck_deliver(CkTopology *topo, CkEntry *entries, int n, CkDeliveryStats *stats,
+					   char **errmsg);
 
 /*---- delayed second deletes (redelete.c) ----*/
 
 extern void ck_redelete_select(int target);
 extern void ck_redelete_remember(CkEntry *entries, int n);
 extern long ck_redelete_next_ms(void);
-extern bool ck_redelete_run_due(CkConn *conn, char **errmsg);
+extern bool ck_redelete_run_due(CkTopology *topo, char **errmsg);
 
 /*---- the worker (worker.c) ----*/
 
@@ -385,8 +399,10 @@ typedef struct CkRedisUrl
 {
 	CkRedisKind kind;
 	bool		tls;			/* rediss:// or rediss-sentinel:// */
-	char	   *host;			/* TCP */
+	char	   *host;			/* TCP: the first host */
 	int			port;
+	int			nhosts;			/* TCP: every host (cluster seeds), in order */
+	CkHostPort *hosts;
 	char	   *path;			/* UNIX: the socket */
 	int			nsentinels;		/* SENTINEL: where to ask, in order */
 	CkHostPort *sentinels;
@@ -454,6 +470,22 @@ struct CkConn
 	int			replicas;		/* replicas that must have each batch, or 0 */
 };
 
+/* a whole reply, nested arrays included (ck_redis_call_value) */
+typedef struct CkValue
+{
+	char		type;			/* CK_VALUE_* */
+	char	   *str;			/* string, status or error text */
+	long long	integer;
+	int			n;				/* array elements */
+	struct CkValue *elems;
+} CkValue;
+
+#define CK_VALUE_STRING		's'
+#define CK_VALUE_ERROR		'e'
+#define CK_VALUE_INTEGER	'i'
+#define CK_VALUE_ARRAY		'a'
+#define CK_VALUE_NIL		'n'
+
 /* the outcome of one command in a pipeline */
 typedef enum CkReplyStatus
 {
@@ -466,6 +498,8 @@ typedef struct CkReply
 	CkReplyStatus status;
 	long long	integer;		/* integer replies */
 	char	   *error;			/* palloc'd error text */
+	int			nelems;			/* array replies: their string elements */
+	char	  **elems;
 } CkReply;
 
 /* a reply to a set-up command, flattened: its strings, or its error */
@@ -487,30 +521,72 @@ extern bool ck_redis_read(CkConn *conn, CkReply *reply, char **errmsg);
 extern bool ck_redis_call(CkConn *conn, int argc, const char **argv,
 						  TimestampTz deadline, CkCallResult *result,
 						  char **errmsg);
+extern char *ck_redis_format(int argc, const char **argv, const size_t *argvlen,
+							 size_t *len);
+extern void ck_redis_append_raw(CkConn *conn, const char *cmd, size_t len);
+extern bool ck_redis_send(CkConn *conn, char **errmsg);
+extern bool ck_redis_call_value(CkConn *conn, int argc, const char **argv,
+								TimestampTz deadline, CkValue *value, char **errmsg);
 extern bool ck_redis_script_load(CkConn *conn, const char *body, char *sha,
 								 char **errmsg);
 
 /*---- Redis: which node to talk to (topology.c) ----*/
 
-/* what the worker connects to, and what it learnt about it */
-typedef struct CkTopology
+typedef struct CkNode CkNode;	/* one node written to (cluster.c) */
+
+/*
+ * What the worker connects to, and what it learnt about it. It owns its
+ * connections: one node (single, Sentinel) or every primary of a cluster
+ * with the slot map; delivery asks it where each command goes (ck_send).
+ */
+struct CkTopology
 {
 	MemoryContext cxt;
 	CkRedisUrl	url;
+	int			mode;			/* CK_MODE_STANDALONE or _CLUSTER once connected */
+	List	   *nodes;			/* CkNode: the one node, or the primaries */
+	CkNode	  **slots;			/* cluster: each slot's primary, NULL: none */
+	List	   *known;			/* cluster: "host:port" of every node seen */
+	bool		refresh;		/* cluster: a MOVED said the map is stale */
 	int		   *sentinel_order; /* indexes into url.sentinels, best first */
 	char	   *master;			/* host:port of the last master connected to */
 	bool		master_changed; /* ...which is not the one before: replay */
 	List	   *recent;			/* CkRecent: batches delivered lately */
 	int64		recent_keys;
 	bool		recent_truncated;	/* some were forgotten early */
-} CkTopology;
+};
 
 extern CkTopology *ck_topology_create(const char *url_text, char **errmsg);
 extern void ck_topology_free(CkTopology *topo);
-extern CkConn *ck_topology_connect(CkTopology *topo, char **where, char **errmsg);
-extern bool ck_topology_sync(CkConn *conn, char **errmsg);
+extern bool ck_topology_connect(CkTopology *topo, char **where, char **errmsg);
+extern CkConn *ck_topology_open_node(CkTopology *topo, const char *host, int port,
+									 char **errmsg);
+extern void ck_topology_disconnect(CkTopology *topo);
+extern bool ck_topology_usable(CkTopology *topo);
+extern bool ck_topology_sync(CkTopology *topo, char **errmsg);
 extern void ck_topology_note_delivered(CkTopology *topo, const CkEntry *entries, int n);
-extern bool ck_topology_replay(CkTopology *topo, CkConn *conn, char **errmsg);
+extern bool ck_topology_replay(CkTopology *topo, char **errmsg);
+
+/*---- Redis Cluster: slots, the slot map, routing commands (cluster.c) ----*/
+
+#define CK_NSLOTS 16384
+
+typedef struct CkCmd CkCmd;		/* one command sent, its reply to come */
+
+extern int	ck_key_slot(const char *key, size_t len);
+extern const char *ck_slot_tag(int slot);
+extern int	ck_topology_slot(CkTopology *topo, const char *key);
+extern bool ck_cluster_connect(CkTopology *topo, CkConn *seed, char **errmsg);
+extern bool ck_cluster_detect(CkConn *seed, bool *cluster, char **errmsg);
+extern void ck_publish_topology(CkTopology *topo, bool refreshed);
+extern CkNode *ck_node_add(CkTopology *topo, const char *host, int port, CkConn *conn);
+extern void ck_nodes_close(CkTopology *topo);
+extern bool ck_nodes_usable(CkTopology *topo);
+extern bool ck_route_begin(CkTopology *topo, char **errmsg);
+extern CkCmd *ck_send(CkTopology *topo, const char *key, int argc, const char **argv,
+					  const size_t *lens);
+extern bool ck_recv(CkTopology *topo, CkCmd *cmd, CkReply *reply, char **errmsg);
+extern bool ck_nodes_wait(CkTopology *topo, char **errmsg);
 
 /*---- named Redis targets (targets.c) ----*/
 

@@ -17,6 +17,17 @@
  * unlinks them in one step, so no member is ever popped but not deleted.
  * A flush interrupted by a failure resumes from the private set.
  *
+ * Redis Cluster (the topology routes each command by the key it names):
+ * a multi-key command or script must stay in one slot, so plain deletes
+ * are chunked by slot, and a key's script sets or deletes the key alone
+ * while each tag set it joins or leaves is changed in the set's own slot
+ * (a set refusing the change makes the key a miss). A tag's private set
+ * is named with a {hash tag} of the tag set's slot, so the rename stays
+ * in one slot; its members live anywhere, so it is drained in steps: pick
+ * a chunk of members (SRANDMEMBER), unlink them on their own nodes, and
+ * only when every delete is acknowledged remove them from the private set
+ * (SREM). A flush cut short leaves the rest in the private set.
+ *
  *
  * Order per key: a key's entries are collapsed over the whole batch, not
  * per pipeline, so that one command (sent in the pipeline of the key's last
@@ -109,17 +120,36 @@ static const char *apply_script =
 "for i = njoin + 2, #KEYS do redis.call('SREM', KEYS[i], key) end\n"
 "return 1\n";
 
-/* the scripts, and their SHA1 as loaded on the current connection */
+/*
+ * In a cluster, a key joins a tag set in the set's slot: KEYS[1] is the
+ * set, ARGV[1] the key, ARGV[2] its ttl; expiry as in apply_script.
+ */
+static const char *join_script =
+"local t = redis.call('TYPE', KEYS[1]).ok\n"
+"if t ~= 'set' and t ~= 'none' then\n"
+"  return redis.error_reply('WRONGTYPE tag set ' .. KEYS[1] .. ' holds a ' .. t .. ', not a set')\n"
+"end\n"
+"local ttl = tonumber(ARGV[2])\n"
+"redis.call('SADD', KEYS[1], ARGV[1])\n"
+"local left = redis.call('PTTL', KEYS[1])\n"
+"if left >= 0 then\n"
+"  if ttl == 0 then redis.call('PERSIST', KEYS[1])\n"
+"  elseif left < ttl * 1000 + 1000 then redis.call('PEXPIRE', KEYS[1], ttl * 1000 + 1000) end\n"
+"end\n"
+"return 1\n";
+
+/* the scripts, and their SHA1 (the same on every node) */
 enum
 {
 	CK_SCRIPT_FLUSH_BEGIN,
 	CK_SCRIPT_FLUSH_DRAIN,
 	CK_SCRIPT_APPLY,
+	CK_SCRIPT_JOIN,
 	CK_NSCRIPTS
 };
 
-static const char **const scripts[CK_NSCRIPTS] = {
-	&flush_begin_script, &flush_drain_script, &apply_script
+static const char *const *const scripts[CK_NSCRIPTS] = {
+	&flush_begin_script, &flush_drain_script, &apply_script, &join_script
 };
 static char script_sha[CK_NSCRIPTS][41];
 
@@ -142,7 +172,10 @@ typedef struct CkGroup
 typedef enum CkFlushPhase
 {
 	CK_FLUSH_BEGIN,
-	CK_FLUSH_DRAIN,
+	CK_FLUSH_DRAIN,				/* one node: pop and unlink a chunk */
+	CK_FLUSH_PICK,				/* cluster: read a chunk of members */
+	CK_FLUSH_DELETE,			/* cluster: unlink them where they live */
+	CK_FLUSH_REMOVE,			/* cluster: then take them out of the set */
 	CK_FLUSH_DONE
 } CkFlushPhase;
 
@@ -154,6 +187,11 @@ typedef struct CkFlush
 	CkFlushPhase phase;
 	bool		begin_again;	/* drained a leftover: rename the set next */
 	bool		failed;
+	int			ncmds;			/* the commands of the current step */
+	CkCmd	  **cmds;
+	int			nmembers;		/* cluster: the chunk being deleted */
+	char	  **members;
+	int		   *cmd_first;		/* ...sorted by slot: each UNLINK's first */
 } CkFlush;
 
 /* what one key ends up as after all entries of the batch */
@@ -161,15 +199,29 @@ typedef struct CkKeyPlan
 {
 	CkGroup    *group;
 	int			segment;		/* the pipeline it goes out in; -1: all held */
+	int			slot;			/* its cluster slot (0 on one node) */
 	bool		simple;			/* only plain deletes: goes into an UNLINK */
 	CkEntry    *final_write;	/* the write that wins, or NULL for a delete */
 	List	   *leaves;			/* sets the key leaves */
+	CkCmd	   *cmd;			/* its script */
+	List	   *setcmds;		/* cluster: its joins and leaves, one per set */
 } CkKeyPlan;
+
+/* one UNLINK of plain deletes (all in one slot in a cluster) */
+typedef struct CkChunk
+{
+	int			first;			/* in the segment's simple plans */
+	int			count;
+	CkCmd	   *cmd;
+	bool		split;			/* refused as a whole: retried key by key */
+	CkCmd	  **singles;		/* ...those retries */
+} CkChunk;
 
 /* the whole batch, as ck_deliver splits it up */
 typedef struct CkBatch
 {
-	CkConn	   *conn;			/* the Redis connection it goes out on */
+	CkTopology *topo;			/* where its commands go */
+	bool		cluster;		/* Redis Cluster: one slot per command */
 	CkEntry    *entries;
 	int			n;
 	int		   *segment;		/* pipeline of each entry */
@@ -233,6 +285,32 @@ ck_deliver_prepare(CkConn *conn, char **errmsg)
 		if (!ck_redis_script_load(conn, *scripts[i], script_sha[i], errmsg))
 			return false;
 	return true;
+}
+
+/* The scripts' texts, to load on a node that answered NOSCRIPT. */
+const char *const *
+ck_deliver_scripts(int *n)
+{
+	static const char *bodies[CK_NSCRIPTS];
+
+	for (int i = 0; i < CK_NSCRIPTS; i++)
+		bodies[i] = *scripts[i];
+	*n = CK_NSCRIPTS;
+	return bodies;
+}
+
+/* Send a command routed by a key; the lengths are the strings'. */
+static CkCmd *
+ck_send_strings(CkBatch *b, const char *key, int argc, const char **argv)
+{
+	size_t	   *lens = palloc(sizeof(size_t) * argc);
+	CkCmd	   *cmd;
+
+	for (int i = 0; i < argc; i++)
+		lens[i] = strlen(argv[i]);
+	cmd = ck_send(b->topo, key, argc, argv, lens);
+	pfree(lens);
+	return cmd;
 }
 
 /* Order items by string, then entry. */
@@ -315,56 +393,162 @@ ck_held(const CkEntry *e)
 	return e->failed && e->errclass == CK_ERRCLASS_HELD;
 }
 
-/* Queue one step of a tag's flush. */
-static void
-ck_append_flush_step(CkConn *conn, CkFlush *f)
+/* Order strings by their cluster slot (qsort_arg). */
+static int
+ck_slot_cmp(const void *a, const void *b, void *arg)
 {
-	const char *argv[6];
-	size_t		lens[6];
+	const char *x = *(const char *const *) a;
+	const char *y = *(const char *const *) b;
 
-	argv[0] = "EVALSHA";
-	argv[2] = "1";
-	if (f->phase == CK_FLUSH_BEGIN)
-	{
-		argv[1] = script_sha[CK_SCRIPT_FLUSH_BEGIN];
-		argv[2] = "2";
-		argv[3] = f->set;
-		argv[4] = f->private_set;
-	}
-	else
-	{
-		argv[1] = script_sha[CK_SCRIPT_FLUSH_DRAIN];
-		argv[3] = f->private_set;
-		argv[4] = CppAsString2(CK_CHUNK);
-	}
-	for (int i = 0; i < 5; i++)
-		lens[i] = strlen(argv[i]);
-	ck_redis_append(conn, 5, argv, lens);
+	return ck_key_slot(x, strlen(x)) - ck_key_slot(y, strlen(y));
 }
 
-/* Move a tag's flush on by one reply. */
+/* Cluster: UNLINK a flush's chunk of members, one command per slot. */
 static void
-ck_advance_flush(CkFlush *f, const CkReply *reply, CkDeliveryStats *stats)
+ck_append_member_unlinks(CkBatch *b, CkFlush *f)
 {
-	if (f->phase == CK_FLUSH_BEGIN)
+	const char **argv = palloc(sizeof(char *) * (f->nmembers + 1));
+
+	qsort_arg(f->members, f->nmembers, sizeof(char *), ck_slot_cmp, NULL);
+	f->cmds = palloc(sizeof(CkCmd *) * f->nmembers);
+	f->cmd_first = palloc(sizeof(int) * (f->nmembers + 1));
+	f->ncmds = 0;
+	for (int i = 0; i < f->nmembers;)
 	{
-		if (reply->integer == 0)
-			f->phase = CK_FLUSH_DONE;
-		else
-		{
-			f->begin_again = (reply->integer == 2);
-			f->phase = CK_FLUSH_DRAIN;
-		}
+		int			slot = ck_key_slot(f->members[i], strlen(f->members[i]));
+		int			argc = 1;
+
+		f->cmd_first[f->ncmds] = i;
+		argv[0] = "UNLINK";
+		while (i < f->nmembers && ck_key_slot(f->members[i], strlen(f->members[i])) == slot)
+			argv[argc++] = f->members[i++];
+		f->cmds[f->ncmds++] = ck_send_strings(b, argv[1], argc, argv);
 	}
-	else
+	f->cmd_first[f->ncmds] = f->nmembers;
+	pfree(argv);
+}
+
+
+/* Send the commands of a tag flush's next step. */
+static void
+ck_append_flush_step(CkBatch *b, CkFlush *f)
+{
+	const char *argv[5] = {"EVALSHA", NULL, "1", f->private_set, CppAsString2(CK_CHUNK)};
+
+	f->ncmds = 1;
+	f->cmds = palloc(sizeof(CkCmd *));
+	switch (f->phase)
 	{
-		stats->tag_keys_deleted += reply->integer;
-		if (reply->integer < CK_CHUNK)
-			f->phase = f->begin_again ? CK_FLUSH_BEGIN : CK_FLUSH_DONE;
-		f->begin_again = f->begin_again && reply->integer == CK_CHUNK;
+		case CK_FLUSH_BEGIN:
+			argv[1] = script_sha[CK_SCRIPT_FLUSH_BEGIN];
+			argv[2] = "2";
+			argv[3] = f->set;
+			argv[4] = f->private_set;
+			f->cmds[0] = ck_send_strings(b, f->set, 5, argv);
+			break;
+		case CK_FLUSH_DRAIN:
+			argv[1] = script_sha[CK_SCRIPT_FLUSH_DRAIN];
+			f->cmds[0] = ck_send_strings(b, f->private_set, 5, argv);
+			break;
+		case CK_FLUSH_PICK:
+			argv[0] = "SRANDMEMBER";
+			argv[1] = f->private_set;
+			argv[2] = CppAsString2(CK_CHUNK);
+			f->cmds[0] = ck_send_strings(b, f->private_set, 3, argv);
+			break;
+		case CK_FLUSH_DELETE:
+			ck_append_member_unlinks(b, f);
+			break;
+		case CK_FLUSH_REMOVE:
+			{
+				const char **srem = palloc(sizeof(char *) * (f->nmembers + 2));
+
+				srem[0] = "SREM";
+				srem[1] = f->private_set;
+				memcpy(srem + 2, f->members, sizeof(char *) * f->nmembers);
+				f->cmds[0] = ck_send_strings(b, f->private_set, f->nmembers + 2, srem);
+				pfree(srem);
+				break;
+			}
+		case CK_FLUSH_DONE:
+			f->ncmds = 0;
+			break;
+	}
+}
+
+/*
+ * Cluster: some of a chunk's UNLINKs were refused. The members whose
+ * delete was acknowledged leave the private set now; the others stay for
+ * the flush's retry. False on a lost connection.
+ */
+static bool
+ck_remove_deleted(CkBatch *b, CkFlush *f, const bool *deleted, char **errmsg)
+{
+	int			n = 0;
+	CkReply		reply;
+
+	for (int c = 0; c < f->ncmds; c++)
+		for (int m = f->cmd_first[c]; deleted[c] && m < f->cmd_first[c + 1]; m++)
+			f->members[n++] = f->members[m];
+	if (n == 0)
+		return true;
+	f->nmembers = n;
+	f->phase = CK_FLUSH_REMOVE;
+	ck_append_flush_step(b, f);
+	b->stats->tag_keys_deleted += n;
+	return ck_recv(b->topo, f->cmds[0], &reply, errmsg);
+}
+
+/* A chunk emptied the private set: rename the tag's set next, or done. */
+static void
+ck_flush_drained(CkFlush *f)
+{
+	f->phase = f->begin_again ? CK_FLUSH_BEGIN : CK_FLUSH_DONE;
+	f->begin_again = false;
+}
+
+/* Move a tag's flush on by the replies of its step (all of them OK). */
+static void
+ck_advance_flush(CkBatch *b, CkFlush *f, const CkReply *reply)
+{
+	switch (f->phase)
+	{
+		case CK_FLUSH_BEGIN:
+			f->begin_again = (reply->integer == 2);
+			f->phase = reply->integer == 0 ? CK_FLUSH_DONE :
+				b->cluster ? CK_FLUSH_PICK : CK_FLUSH_DRAIN;
+			break;
+		case CK_FLUSH_DRAIN:
+			b->stats->tag_keys_deleted += reply->integer;
+			if (reply->integer < CK_CHUNK)
+				ck_flush_drained(f);
+			break;
+		case CK_FLUSH_PICK:
+			f->members = palloc(sizeof(char *) * (reply->nelems + 1));
+			f->nmembers = 0;
+			for (int i = 0; i < reply->nelems; i++)
+				if (reply->elems[i])
+					f->members[f->nmembers++] = reply->elems[i];
+			if (f->nmembers == 0)
+				ck_flush_drained(f);
+			else
+				f->phase = CK_FLUSH_DELETE;
+			break;
+		case CK_FLUSH_DELETE:
+			b->stats->tag_keys_deleted += f->nmembers;
+			f->phase = CK_FLUSH_REMOVE;
+			break;
+		case CK_FLUSH_REMOVE:
+			if (f->nmembers < CK_CHUNK)
+				ck_flush_drained(f);
+			else
+				f->phase = CK_FLUSH_PICK;
+			break;
+		case CK_FLUSH_DONE:
+			break;
 	}
 	if (f->phase == CK_FLUSH_DONE)
-		stats->tags_flushed++;
+		b->stats->tags_flushed++;
 }
 
 /* Add the strings of arr to list, skipping those it has. */
@@ -397,6 +581,9 @@ ck_plan_key(CkBatch *b, CkGroup *g, CkKeyPlan *plan)
 
 	plan->group = g;
 	plan->segment = -1;
+	plan->slot = ck_topology_slot(b->topo, g->str);
+	plan->cmd = NULL;
+	plan->setcmds = NIL;
 	plan->simple = true;
 	plan->final_write = NULL;
 	for (int i = 0; i < g->nentries; i++)
@@ -436,113 +623,215 @@ ck_plan_key(CkBatch *b, CkGroup *g, CkKeyPlan *plan)
 		plan->leaves = leaves;
 }
 
-/* Queue the script that applies a key's final state. */
+/*
+ * Send what applies a key's final state: the script (with the tag sets, on
+ * one node; alone in a cluster, where each set is changed in its own slot).
+ */
 static void
-ck_append_apply(CkConn *conn, CkKeyPlan *plan)
+ck_append_apply(CkBatch *b, CkKeyPlan *plan)
 {
 	CkEntry    *w = plan->final_write;
 	int			njoin = w ? w->ntags : 0;
 	int			nleave = list_length(plan->leaves);
+	int			nsets = b->cluster ? 0 : njoin + nleave;
 	int			argc = 0;
 	const char **argv = palloc(sizeof(char *) * (njoin + nleave + 8));
-	size_t	   *lens = palloc(sizeof(size_t) * (njoin + nleave + 8));
+	char	   *ttl = psprintf("%d", w ? w->ttl : 0);
 	ListCell   *lc;
 
 	argv[argc++] = "EVALSHA";
 	argv[argc++] = script_sha[CK_SCRIPT_APPLY];
-	argv[argc++] = psprintf("%d", 1 + njoin + nleave);
+	argv[argc++] = psprintf("%d", 1 + nsets);
 	argv[argc++] = plan->group->str;
-	for (int t = 0; t < njoin; t++)
+	for (int t = 0; t < njoin && !b->cluster; t++)
 		argv[argc++] = psprintf("%s%s", ck_tag_prefix, w->tags[t]);
 	foreach(lc, plan->leaves)
-		argv[argc++] = psprintf("%s%s", ck_tag_prefix, (char *) lfirst(lc));
+		if (!b->cluster)
+			argv[argc++] = psprintf("%s%s", ck_tag_prefix, (char *) lfirst(lc));
 	argv[argc++] = w ? "set" : "del";
 	argv[argc++] = w && w->value ? w->value : "";
-	argv[argc++] = psprintf("%d", w ? w->ttl : 0);
-	argv[argc++] = psprintf("%d", njoin);
-	for (int i = 0; i < argc; i++)
-		lens[i] = strlen(argv[i]);
-	ck_redis_append(conn, argc, argv, lens);
-	pfree(argv);
-	pfree(lens);
+	argv[argc++] = ttl;
+	argv[argc++] = psprintf("%d", b->cluster ? 0 : njoin);
+	plan->cmd = ck_send_strings(b, plan->group->str, argc, argv);
+	if (!b->cluster)
+		return;
+	for (int t = 0; t < njoin; t++)
+	{
+		char	   *set = psprintf("%s%s", ck_tag_prefix, w->tags[t]);
+		const char *join[6] = {"EVALSHA", script_sha[CK_SCRIPT_JOIN], "1", set,
+		plan->group->str, ttl};
+
+		plan->setcmds = lappend(plan->setcmds, ck_send_strings(b, set, 6, join));
+	}
+	foreach(lc, plan->leaves)
+	{
+		char	   *set = psprintf("%s%s", ck_tag_prefix, (char *) lfirst(lc));
+		const char *leave[3] = {"SREM", set, plan->group->str};
+
+		plan->setcmds = lappend(plan->setcmds, ck_send_strings(b, set, 3, leave));
+	}
 }
 
-/* Queue one UNLINK of plans[0..count). */
-static void
-ck_append_unlink(CkConn *conn, CkKeyPlan **plans, int count)
+/*
+ * Read what ck_append_apply sent for a key. A set that refused its change
+ * fails the key's entries; a value written meanwhile is deleted (a miss,
+ * never a value its tags do not know). False on a lost connection.
+ */
+static bool
+ck_read_apply(CkBatch *b, CkKeyPlan *plan, char **errmsg)
+{
+	CkReply		reply;
+	CkReply		sreply;
+	ListCell   *lc;
+	bool		sets_ok = true;
+
+	if (!ck_recv(b->topo, plan->cmd, &reply, errmsg))
+		return false;
+	if (reply.status != CK_REPLY_OK)
+		ck_fail_group(b->entries, plan->group, &reply);
+	foreach(lc, plan->setcmds)
+	{
+		if (!ck_recv(b->topo, lfirst(lc), &sreply, errmsg))
+			return false;
+		if (sreply.status != CK_REPLY_OK)
+		{
+			ck_fail_group(b->entries, plan->group, &sreply);
+			sets_ok = false;
+		}
+	}
+	if (reply.status == CK_REPLY_OK && !sets_ok && plan->final_write)
+	{
+		const char *argv[2] = {"UNLINK", plan->group->str};
+
+		return ck_recv(b->topo, ck_send_strings(b, plan->group->str, 2, argv), &reply, errmsg);
+	}
+	if (reply.status == CK_REPLY_OK && sets_ok)
+	{
+		if (plan->final_write)
+			b->stats->keys_written++;
+		else
+			b->stats->keys_deleted++;
+	}
+	return true;
+}
+
+/* Send one UNLINK of plans[0..count). */
+static CkCmd *
+ck_append_unlink(CkBatch *b, CkKeyPlan **plans, int count)
 {
 	const char **argv = palloc(sizeof(char *) * (count + 1));
-	size_t	   *lens = palloc(sizeof(size_t) * (count + 1));
+	CkCmd	   *cmd;
 
 	argv[0] = "UNLINK";
-	lens[0] = 6;
 	for (int k = 0; k < count; k++)
-	{
 		argv[k + 1] = plans[k]->group->str;
-		lens[k + 1] = strlen(argv[k + 1]);
-	}
-	ck_redis_append(conn, count + 1, argv, lens);
+	cmd = ck_send_strings(b, argv[1], count + 1, argv);
 	pfree(argv);
-	pfree(lens);
+	return cmd;
+}
+
+/* Order key plans by slot. */
+static int
+ck_plan_slot_cmp(const void *a, const void *b)
+{
+	return (*(CkKeyPlan *const *) a)->slot - (*(CkKeyPlan *const *) b)->slot;
+}
+
+/*
+ * Cut the plain deletes into UNLINK chunks of CK_CHUNK keys at most, each
+ * in one slot (in a cluster, the plans are sorted by slot first).
+ */
+static int
+ck_chunk_unlinks(CkBatch *b, CkKeyPlan **simple, int nsimple, CkChunk **chunks_out)
+{
+	CkChunk    *chunks = palloc0(sizeof(CkChunk) * (nsimple + 1));
+	int			nchunks = 0;
+
+	if (b->cluster)
+		qsort(simple, nsimple, sizeof(CkKeyPlan *), ck_plan_slot_cmp);
+	for (int k = 0; k < nsimple; k++)
+	{
+		CkChunk    *c = nchunks > 0 ? &chunks[nchunks - 1] : NULL;
+
+		if (c == NULL || c->count == CK_CHUNK || simple[c->first]->slot != simple[k]->slot)
+		{
+			c = &chunks[nchunks++];
+			c->first = k;
+		}
+		c->count++;
+	}
+	*chunks_out = chunks;
+	return nchunks;
 }
 
 /*
  * Read the replies of the UNLINK chunks. A chunk refused as a whole for a
- * reason that may concern one key only (an ACL key pattern) is marked in
- * split[] to be retried key by key; otherwise its keys' entries fail.
+ * reason that may concern one key only (an ACL key pattern) is marked
+ * split, to be retried key by key; otherwise its keys' entries fail.
  */
 static bool
-ck_read_unlinks(CkBatch *b, CkKeyPlan **simple, int nsimple, bool *split, char **errmsg)
+ck_read_unlinks(CkBatch *b, CkKeyPlan **simple, CkChunk *chunks, int nchunks, char **errmsg)
 {
-	int			nchunks = (nsimple + CK_CHUNK - 1) / CK_CHUNK;
-
 	for (int c = 0; c < nchunks; c++)
 	{
 		CkReply		reply;
-		int			first = c * CK_CHUNK;
-		int			count = Min(CK_CHUNK, nsimple - first);
+		CkChunk    *ch = &chunks[c];
 
-		split[c] = false;
-		if (!ck_redis_read(b->conn, &reply, errmsg))
+		if (!ck_recv(b->topo, ch->cmd, &reply, errmsg))
 			return false;
 		if (reply.status == CK_REPLY_OK)
-			b->stats->keys_deleted += count;
-		else if (count > 1 && ck_error_class(reply.error) == CK_ERRCLASS_ENTRY)
-			split[c] = true;
+			b->stats->keys_deleted += ch->count;
+		else if (ch->count > 1 && ck_error_class(reply.error) == CK_ERRCLASS_ENTRY)
+			ch->split = true;
 		else
-			for (int k = 0; k < count; k++)
-				ck_fail_group(b->entries, simple[first + k]->group, &reply);
+			for (int k = 0; k < ch->count; k++)
+				ck_fail_group(b->entries, simple[ch->first + k]->group, &reply);
 	}
 	return true;
 }
 
 /* Retry the keys of the refused UNLINK chunks one by one. */
 static bool
-ck_split_unlinks(CkBatch *b, CkKeyPlan **simple, int nsimple, bool *split, char **errmsg)
+ck_split_unlinks(CkBatch *b, CkKeyPlan **simple, CkChunk *chunks, int nchunks, char **errmsg)
 {
-	int			nchunks = (nsimple + CK_CHUNK - 1) / CK_CHUNK;
-
-	for (int c = 0; c < nchunks; c++)
-		if (split[c])
-			for (int k = c * CK_CHUNK; k < Min((c + 1) * CK_CHUNK, nsimple); k++)
-				ck_append_unlink(b->conn, &simple[k], 1);
 	for (int c = 0; c < nchunks; c++)
 	{
-		if (!split[c])
+		if (!chunks[c].split)
 			continue;
-		for (int k = c * CK_CHUNK; k < Min((c + 1) * CK_CHUNK, nsimple); k++)
+		chunks[c].singles = palloc(sizeof(CkCmd *) * chunks[c].count);
+		for (int k = 0; k < chunks[c].count; k++)
+			chunks[c].singles[k] = ck_append_unlink(b, &simple[chunks[c].first + k], 1);
+	}
+	for (int c = 0; c < nchunks; c++)
+	{
+		if (!chunks[c].split)
+			continue;
+		for (int k = 0; k < chunks[c].count; k++)
 		{
 			CkReply		reply;
 
-			if (!ck_redis_read(b->conn, &reply, errmsg))
+			if (!ck_recv(b->topo, chunks[c].singles[k], &reply, errmsg))
 				return false;
 			if (reply.status == CK_REPLY_OK)
 				b->stats->keys_deleted++;
 			else
-				ck_fail_group(b->entries, simple[k]->group, &reply);
+				ck_fail_group(b->entries, simple[chunks[c].first + k]->group, &reply);
 		}
 	}
 	return true;
+}
+
+/*
+ * The private name a tag's set is drained from. On one node it is the
+ * set's name behind a prefix; in a cluster a {hash tag} of the set's slot
+ * comes first, so that the set and its private name share a slot.
+ */
+static char *
+ck_private_set(CkBatch *b, const char *set)
+{
+	if (!b->cluster)
+		return psprintf("cachekit:flushing:%s", set);
+	return psprintf("cachekit:flushing:{%s}%s", ck_slot_tag(ck_key_slot(set, strlen(set))), set);
 }
 
 /* Start the flushes of the tags of segment s (none of a held entry). */
@@ -575,12 +864,44 @@ ck_start_flushes(CkBatch *b, int s, int *nflushes)
 	{
 		flushes[t].group = &tags[t];
 		flushes[t].set = psprintf("%s%s", ck_tag_prefix, tags[t].str);
-		flushes[t].private_set = psprintf("cachekit:flushing:%s", flushes[t].set);
+		flushes[t].private_set = ck_private_set(b, flushes[t].set);
 		flushes[t].phase = CK_FLUSH_BEGIN;
-		ck_append_flush_step(b->conn, &flushes[t]);
+		ck_append_flush_step(b, &flushes[t]);
 	}
 	*nflushes = ntags;
 	return flushes;
+}
+
+/*
+ * Read the replies of a flush's step; any refusal fails the flush (what is
+ * left stays in the private set). Then move it on.
+ */
+static bool
+ck_read_flush_step(CkBatch *b, CkFlush *f, char **errmsg)
+{
+	CkReply		reply;
+	CkReply		first;
+	bool	   *ok = palloc(sizeof(bool) * (f->ncmds + 1));
+
+	memset(&first, 0, sizeof(first));
+	for (int i = 0; i < f->ncmds; i++)
+	{
+		if (!ck_recv(b->topo, f->cmds[i], &reply, errmsg))
+			return false;
+		ok[i] = (reply.status == CK_REPLY_OK);
+		if (i == 0 || (!ok[i] && first.status == CK_REPLY_OK))
+			first = reply;
+	}
+	if (first.status != CK_REPLY_OK)
+	{
+		ck_fail_group(b->entries, f->group, &first);
+		f->failed = true;
+		if (f->phase == CK_FLUSH_DELETE)
+			return ck_remove_deleted(b, f, ok, errmsg);
+	}
+	else
+		ck_advance_flush(b, f, &first);
+	return true;
 }
 
 /* Read flush replies and send next steps until every flush is done or failed. */
@@ -594,19 +915,11 @@ ck_run_flushes(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
 		for (int t = 0; t < ntags; t++)
 		{
 			CkFlush    *f = &flushes[t];
-			CkReply		reply;
 
 			if (f->phase == CK_FLUSH_DONE || f->failed)
 				continue;
-			if (!ck_redis_read(b->conn, &reply, errmsg))
+			if (!ck_read_flush_step(b, f, errmsg))
 				return false;
-			if (reply.status != CK_REPLY_OK)
-			{
-				ck_fail_group(b->entries, f->group, &reply);
-				f->failed = true;
-				continue;
-			}
-			ck_advance_flush(f, &reply, b->stats);
 		}
 		active = 0;
 		for (int t = 0; t < ntags; t++)
@@ -615,7 +928,7 @@ ck_run_flushes(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
 
 			if (f->phase == CK_FLUSH_DONE || f->failed)
 				continue;
-			ck_append_flush_step(b->conn, f);
+			ck_append_flush_step(b, f);
 			active++;
 		}
 		CHECK_FOR_INTERRUPTS();
@@ -633,46 +946,36 @@ ck_deliver_segment(CkBatch *b, int s, char **errmsg)
 {
 	CkKeyPlan **simple = palloc(sizeof(CkKeyPlan *) * (b->nkeys + 1));
 	int			nsimple = 0;
-	bool	   *split;
+	CkChunk    *chunks;
+	int			nchunks;
 	CkFlush    *flushes;
 	int			ntags;
 
 	for (int k = 0; k < b->nkeys; k++)
 		if (b->plans[k].segment == s && b->plans[k].simple)
 			simple[nsimple++] = &b->plans[k];
-	split = palloc(sizeof(bool) * (nsimple / CK_CHUNK + 1));
+	nchunks = ck_chunk_unlinks(b, simple, nsimple, &chunks);
 
 	/* round one: plain deletes, key scripts, first step of every flush */
-	for (int first = 0; first < nsimple; first += CK_CHUNK)
-		ck_append_unlink(b->conn, &simple[first], Min(CK_CHUNK, nsimple - first));
+	for (int c = 0; c < nchunks; c++)
+		chunks[c].cmd = ck_append_unlink(b, &simple[chunks[c].first], chunks[c].count);
 	for (int k = 0; k < b->nkeys; k++)
 		if (b->plans[k].segment == s && !b->plans[k].simple)
-			ck_append_apply(b->conn, &b->plans[k]);
+			ck_append_apply(b, &b->plans[k]);
 	flushes = ck_start_flushes(b, s, &ntags);
 
 	/* replies, in the same order */
-	if (!ck_read_unlinks(b, simple, nsimple, split, errmsg))
+	if (!ck_read_unlinks(b, simple, chunks, nchunks, errmsg))
 		return false;
 	for (int k = 0; k < b->nkeys; k++)
-	{
-		CkReply		reply;
-
-		if (b->plans[k].segment != s || b->plans[k].simple)
-			continue;
-		if (!ck_redis_read(b->conn, &reply, errmsg))
+		if (b->plans[k].segment == s && !b->plans[k].simple &&
+			!ck_read_apply(b, &b->plans[k], errmsg))
 			return false;
-		if (reply.status != CK_REPLY_OK)
-			ck_fail_group(b->entries, b->plans[k].group, &reply);
-		else if (b->plans[k].final_write)
-			b->stats->keys_written++;
-		else
-			b->stats->keys_deleted++;
-	}
 
 	/* further rounds: one step of every unfinished flush at a time */
 	if (!ck_run_flushes(b, flushes, ntags, errmsg))
 		return false;
-	return ck_split_unlinks(b, simple, nsimple, split, errmsg);
+	return ck_split_unlinks(b, simple, chunks, nchunks, errmsg);
 }
 
 /*
@@ -767,14 +1070,17 @@ ck_key_groups(CkEntry *entries, int n, CkGroup **keys)
  * the next one. Deletes may move across flushes freely.
  */
 bool
-ck_deliver(CkConn *conn, CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
+ck_deliver(CkTopology *topo, CkEntry *entries, int n, CkDeliveryStats *stats, char **errmsg)
 {
 	CkBatch		b;
 	CkGroup    *keys;
 	int			nsegments;
 
 	memset(stats, 0, sizeof(CkDeliveryStats));
-	b.conn = conn;
+	if (!ck_route_begin(topo, errmsg))
+		return false;
+	b.topo = topo;
+	b.cluster = (topo->mode == CK_MODE_CLUSTER);
 	b.entries = entries;
 	b.n = n;
 	b.stats = stats;

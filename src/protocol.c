@@ -12,7 +12,7 @@
  * for like any other memory of the worker.
  *
  * A connection is a value: nothing here is global, so a caller may hold
- * several (Redis Cluster will). A connection that failed is marked broken
+ * several (Redis Cluster does, one per primary: cluster.c). A connection that failed is marked broken
  * and closed; its owner frees it and makes a new one.
  *
  *-------------------------------------------------------------------------
@@ -108,6 +108,32 @@ ck_redis_append(CkConn *conn, int argc, const char **argv, const size_t *argvlen
 	redisFreeCommand(cmd);
 }
 
+/* A command in the wire format, palloc'd (to be sent, maybe more than once). */
+char *
+ck_redis_format(int argc, const char **argv, const size_t *argvlen, size_t *len)
+{
+	char	   *cmd = NULL;
+	int			n = redisFormatCommandArgv(&cmd, argc, argv, argvlen);
+	char	   *copy;
+
+	if (n < 0 || cmd == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not build a Redis command")));
+	copy = palloc(n);
+	memcpy(copy, cmd, n);
+	redisFreeCommand(cmd);
+	*len = n;
+	return copy;
+}
+
+/* Queue a command already in the wire format (ck_redis_format). */
+void
+ck_redis_append_raw(CkConn *conn, const char *cmd, size_t len)
+{
+	appendBinaryStringInfo(&conn->out, cmd, len);
+}
+
 /* Send everything queued in the pipeline by the deadline. */
 static bool
 ck_conn_flush(CkConn *conn, TimestampTz deadline, char **errmsg)
@@ -135,6 +161,14 @@ ck_conn_flush(CkConn *conn, TimestampTz deadline, char **errmsg)
 	else
 		resetStringInfo(&conn->out);
 	return true;
+}
+
+/* Send what is queued now, not waiting for a read (the other nodes of a cluster). */
+bool
+ck_redis_send(CkConn *conn, char **errmsg)
+{
+	return ck_conn_flush(conn, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_command_timeout),
+						 errmsg);
 }
 
 /* The next raw reply (sending what is queued first), by the deadline. */
@@ -200,6 +234,15 @@ ck_redis_read(CkConn *conn, CkReply *reply, char **errmsg)
 		reply->status = CK_REPLY_OK;
 		if (r->type == REDIS_REPLY_INTEGER)
 			reply->integer = r->integer;
+		else if (r->type == REDIS_REPLY_ARRAY)
+		{
+			/* the strings of an array (SRANDMEMBER); other elements are NULL */
+			reply->nelems = r->elements;
+			reply->elems = palloc0(sizeof(char *) * (r->elements + 1));
+			for (size_t i = 0; i < r->elements; i++)
+				if (r->element[i]->type == REDIS_REPLY_STRING)
+					reply->elems[i] = pnstrdup(r->element[i]->str, r->element[i]->len);
+		}
 	}
 	freeReplyObject(r);
 	return true;
@@ -253,6 +296,60 @@ ck_redis_call(CkConn *conn, int argc, const char **argv, TimestampTz deadline,
 		result->strings = palloc0(sizeof(char *) * 2);
 		result->strings[0] = ck_reply_string(r);
 	}
+	freeReplyObject(r);
+	return true;
+}
+
+/* Copy a parsed reply into a CkValue tree (palloc'd). */
+static void
+ck_value_from_reply(const redisReply *r, CkValue *v)
+{
+	memset(v, 0, sizeof(CkValue));
+	switch (r->type)
+	{
+		case REDIS_REPLY_STRING:
+		case REDIS_REPLY_STATUS:
+			v->type = CK_VALUE_STRING;
+			v->str = pnstrdup(r->str, r->len);
+			break;
+		case REDIS_REPLY_ERROR:
+			v->type = CK_VALUE_ERROR;
+			v->str = pnstrdup(r->str, r->len);
+			break;
+		case REDIS_REPLY_INTEGER:
+			v->type = CK_VALUE_INTEGER;
+			v->integer = r->integer;
+			break;
+		case REDIS_REPLY_ARRAY:
+			v->type = CK_VALUE_ARRAY;
+			v->n = r->elements;
+			v->elems = palloc0(sizeof(CkValue) * (r->elements + 1));
+			for (size_t i = 0; i < r->elements; i++)
+				ck_value_from_reply(r->element[i], &v->elems[i]);
+			break;
+		default:
+			v->type = CK_VALUE_NIL;
+			break;
+	}
+}
+
+/*
+ * Run one command and wait (by the deadline) for its whole reply, nested
+ * arrays included (CLUSTER SHARDS). False on a connection failure.
+ */
+bool
+ck_redis_call_value(CkConn *conn, int argc, const char **argv, TimestampTz deadline,
+					CkValue *value, char **errmsg)
+{
+	size_t	   *lens = palloc(sizeof(size_t) * argc);
+	redisReply *r;
+
+	for (int i = 0; i < argc; i++)
+		lens[i] = strlen(argv[i]);
+	ck_redis_append(conn, argc, argv, lens);
+	if (!ck_conn_next(conn, deadline, &r, errmsg))
+		return false;
+	ck_value_from_reply(r, value);
 	freeReplyObject(r);
 	return true;
 }

@@ -255,10 +255,11 @@ ck_pending_free(CkPending *p)
  * lost connection counts as failure.
  */
 static bool
-ck_redelete_writes(CkConn *conn, int n, char **errmsg)
+ck_redelete_writes(CkTopology *topo, int n, char **errmsg)
 {
 	dlist_iter	it;
-	int			sent = 0;
+	List	   *sent = NIL;
+	ListCell   *lc;
 	int			done = 0;
 
 	dlist_foreach(it, pending)
@@ -273,15 +274,14 @@ ck_redelete_writes(CkConn *conn, int n, char **errmsg)
 			size_t		lens[5] = {4, strlen(unless_written_script), 1,
 			strlen(p->wkeys[i]), strlen(p->wvalues[i])};
 
-			ck_redis_append(conn, 5, argv, lens);
-			sent++;
+			sent = lappend(sent, ck_send(topo, p->wkeys[i], 5, argv, lens));
 		}
 	}
-	for (int i = 0; i < sent; i++)
+	foreach(lc, sent)
 	{
 		CkReply		reply;
 
-		if (!ck_redis_read(conn, &reply, errmsg))
+		if (!ck_recv(topo, lfirst(lc), &reply, errmsg))
 			return false;
 	}
 	return true;
@@ -295,7 +295,7 @@ ck_redelete_writes(CkConn *conn, int n, char **errmsg)
  * already dealt with them.
  */
 bool
-ck_redelete_run_due(CkConn *conn, char **errmsg)
+ck_redelete_run_due(CkTopology *topo, char **errmsg)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	bool		over = pending_bytes > CK_REDELETE_MAX_BYTES;
@@ -342,8 +342,8 @@ ck_redelete_run_due(CkConn *conn, char **errmsg)
 		entries[n].tags = p->tags;
 		n++;
 	}
-	ok = (n == 0 || ck_deliver(conn, entries, n, &stats, errmsg)) &&
-		ck_redelete_writes(conn, max, errmsg);
+	ok = (n == 0 || ck_deliver(topo, entries, n, &stats, errmsg)) &&
+		ck_route_begin(topo, errmsg) && ck_redelete_writes(topo, max, errmsg);
 	MemoryContextSwitchTo(old);
 	if (!ok)
 	{

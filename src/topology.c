@@ -18,8 +18,9 @@
  * master listed (ck_topology_sync), and on a new master it first deletes
  * the keys and flushes the tags it delivered lately (ck_topology_replay).
  *
- * Redis Cluster will keep several connections here, one per node, each a
- * CkConn of its own.
+ * The topology owns its connections. A cluster (cachekit.redis_mode, or
+ * a seed that says cluster_enabled:1) is set up by cluster.c: its slot map
+ * and one connection per primary; the URL's hosts are only seeds there.
  *
  *-------------------------------------------------------------------------
  */
@@ -28,13 +29,6 @@
 #include "miscadmin.h"
 #include "postmaster/interrupt.h"
 #include "utils/memutils.h"
-
-/*
- * The longest WAIT for the replicas after a batch. It is short: while a
- * replica is promoted, WAITs on the old master fail, and the worker must
- * soon ask the Sentinels again.
- */
-#define CK_WAIT_MAX_MS 500
 
 /* Parse the URL into a new topology; NULL with *errmsg when it is invalid. */
 CkTopology *
@@ -60,12 +54,30 @@ ck_topology_create(const char *url_text, char **errmsg)
 	return topo;
 }
 
-/* Free a topology (its connections belong to their holders). */
+/* Free a topology and close its connections. */
 void
 ck_topology_free(CkTopology *topo)
 {
 	if (topo)
+	{
+		ck_topology_disconnect(topo);
 		MemoryContextDelete(topo->cxt);
+	}
+}
+
+/* Close the topology's connections (it connects anew on demand). */
+void
+ck_topology_disconnect(CkTopology *topo)
+{
+	if (topo)
+		ck_nodes_close(topo);
+}
+
+/* Can a batch go out through the topology's connections? */
+bool
+ck_topology_usable(CkTopology *topo)
+{
+	return topo != NULL && ck_nodes_usable(topo);
 }
 
 /* A deadline cachekit.connect_timeout from now. */
@@ -204,8 +216,8 @@ ck_check_master(CkConn *conn, const char *name, TimestampTz deadline, char **err
 }
 
 /* Connect to a node and log in; for a Sentinel's master, check its ROLE. */
-static CkConn *
-ck_connect_node(CkTopology *topo, const char *host, int port, char **errmsg)
+CkConn *
+ck_topology_open_node(CkTopology *topo, const char *host, int port, char **errmsg)
 {
 	CkRedisUrl *url = &topo->url;
 	TimestampTz deadline = ck_connect_deadline();
@@ -249,7 +261,7 @@ ck_sentinel_connect(CkTopology *topo, char **host, int *port, char **errmsg)
 			unknown++;
 		else if (found < 0)
 			unreachable = err;
-		else if ((conn = ck_connect_node(topo, *host, *port, &err)) != NULL)
+		else if ((conn = ck_topology_open_node(topo, *host, *port, &err)) != NULL)
 		{
 			memmove(&topo->sentinel_order[1], &topo->sentinel_order[0], sizeof(int) * k);
 			topo->sentinel_order[0] = idx;
@@ -285,11 +297,100 @@ ck_describe(const CkRedisUrl *url, const char *host, int port)
 	return psprintf("%s:%d/%d%s", host, port, url->db, tls);
 }
 
+/* Make a connection the topology's one node, its scripts loaded (freed on failure). */
+static bool
+ck_use_single(CkTopology *topo, CkConn *conn, const char *host, int port, char **where,
+			  char **errmsg)
+{
+	if (!ck_deliver_prepare(conn, errmsg))
+	{
+		ck_conn_free(conn);
+		return false;
+	}
+	topo->mode = CK_MODE_STANDALONE;
+	ck_node_add(topo, host, port, conn);
+	*where = ck_describe(&topo->url, host, port);
+	return true;
+}
+
+/* The first seed of the URL that answers, logged in; NULL with *errmsg if none. */
+static CkConn *
+ck_seed_connect(CkTopology *topo, char **host, int *port, char **errmsg)
+{
+	CkRedisUrl *url = &topo->url;
+
+	if (url->kind == CK_REDIS_UNIX || url->nhosts == 0)
+	{
+		/* a unix socket's node is named by its path */
+		*host = url->kind == CK_REDIS_UNIX ? url->path : url->host;
+		*port = url->port;
+		return ck_topology_open_node(topo, *host, *port, errmsg);
+	}
+	for (int i = 0; i < url->nhosts; i++)
+	{
+		CkConn	   *conn;
+
+		*host = url->hosts[i].host;
+		*port = url->hosts[i].port;
+		conn = ck_topology_open_node(topo, *host, *port, errmsg);
+		if (conn != NULL || ConfigReloadPending)
+			return conn;
+	}
+	return NULL;
+}
+
 /*
- * Connect to the node the topology names, logged in and on its database.
- * Returns the connection, or NULL with *errmsg set. *where describes it.
+ * Connect to the hosts of a redis:// or unix:// URL: a single node, or a
+ * cluster (forced by cachekit.redis_mode, or found by asking the seed).
  */
-CkConn *
+static bool
+ck_direct_connect(CkTopology *topo, char **where, char **errmsg)
+{
+	CkRedisUrl *url = &topo->url;
+	char	   *host;
+	int			port;
+	bool		cluster = (ck_redis_mode == CK_MODE_CLUSTER);
+	CkConn	   *conn;
+
+	if (cluster && (url->kind != CK_REDIS_TCP || url->db != 0))
+	{
+		*errmsg = pstrdup(url->kind != CK_REDIS_TCP ?
+						  "cachekit.redis_mode is cluster: cachekit.redis_url must be redis:// or rediss://" :
+						  "invalid cachekit.redis_url: Redis Cluster has only database 0");
+		return false;
+	}
+	if ((conn = ck_seed_connect(topo, &host, &port, errmsg)) == NULL)
+		return false;
+	if (ck_redis_mode == CK_MODE_AUTO && url->kind == CK_REDIS_TCP &&
+		!ck_cluster_detect(conn, &cluster, errmsg))
+	{
+		ck_conn_free(conn);
+		return false;
+	}
+	if (cluster)
+	{
+		if (!ck_cluster_connect(topo, conn, errmsg))
+			return false;
+		*where = psprintf("Redis Cluster of %d primaries (seed %s:%d%s)", list_length(topo->nodes),
+						  host, port, url->tls ? " over TLS" : "");
+		return true;
+	}
+	if (url->nhosts > 1)
+	{
+		ck_conn_free(conn);
+		*errmsg = psprintf("cachekit.redis_url lists several hosts, which is for Redis Cluster only, but Redis at %s:%d is not in cluster mode",
+						   host, port);
+		return false;
+	}
+	return ck_use_single(topo, conn, host, port, where, errmsg);
+}
+
+/*
+ * Connect to the node(s) the topology names, logged in, on the database,
+ * with cachekit's scripts loaded. False with *errmsg set; *where describes
+ * what it connected to.
+ */
+bool
 ck_topology_connect(CkTopology *topo, char **where, char **errmsg)
 {
 	CkRedisUrl *url = &topo->url;
@@ -297,13 +398,22 @@ ck_topology_connect(CkTopology *topo, char **where, char **errmsg)
 	int			port = url->port;
 	CkConn	   *conn;
 
-	if (url->kind == CK_REDIS_SENTINEL)
-		conn = ck_sentinel_connect(topo, &host, &port, errmsg);
+	ck_topology_disconnect(topo);
+	if (url->kind != CK_REDIS_SENTINEL)
+	{
+		if (!ck_direct_connect(topo, where, errmsg))
+		{
+			ck_topology_disconnect(topo);
+			return false;
+		}
+	}
 	else
-		conn = ck_connect_node(topo, host, port, errmsg);
-	if (conn == NULL)
-		return NULL;
-	*where = ck_describe(url, host, port);
+	{
+		if ((conn = ck_sentinel_connect(topo, &host, &port, errmsg)) == NULL ||
+			!ck_use_single(topo, conn, host, port, where, errmsg))
+			return false;
+	}
+	ck_publish_topology(topo, false);
 	if (url->kind == CK_REDIS_SENTINEL)
 	{
 		char	   *master = psprintf("%s:%d", host, port);
@@ -314,42 +424,19 @@ ck_topology_connect(CkTopology *topo, char **where, char **errmsg)
 		if (topo->master == NULL || strcmp(topo->master, master) != 0)
 			topo->master = MemoryContextStrdup(topo->cxt, master);
 	}
-	return conn;
+	return true;
 }
 
 /*
- * After a batch, through Sentinel: wait until the master's replicas have
- * it too (WAIT), so that a failover right after cannot lose it; false with
- * *errmsg when they did not acknowledge it in time (the batch is then sent
- * again). Half of cachekit.command_timeout is allowed, at most
- * CK_WAIT_MAX_MS.
+ * After a batch, through Sentinel or in a cluster: wait until each node's
+ * replicas have it too (WAIT), so that a failover right after cannot lose
+ * it; false with *errmsg when they did not acknowledge it in time (the
+ * batch is then sent again).
  */
 bool
-ck_topology_sync(CkConn *conn, char **errmsg)
+ck_topology_sync(CkTopology *topo, char **errmsg)
 {
-	const char *argv[3];
-	CkCallResult res;
-	int			acked;
-
-	if (conn->replicas <= 0)
-		return true;
-	argv[0] = "WAIT";
-	argv[1] = psprintf("%d", conn->replicas);
-	argv[2] = psprintf("%d", Max(Min(ck_command_timeout / 2, CK_WAIT_MAX_MS), 1));
-	if (!ck_redis_call(conn, 3, argv,
-					   TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_command_timeout),
-					   &res, errmsg))
-		return false;
-	acked = (res.nstrings == 1 && res.strings[0]) ? atoi(res.strings[0]) : -1;
-	if (res.error || acked < conn->replicas)
-	{
-		*errmsg = res.error ? psprintf("WAIT failed: %s", res.error) :
-			psprintf("Redis at %s: %d of %d replicas acknowledged the batch in time",
-					 conn->where, Max(acked, 0), conn->replicas);
-		conn->broken = true;
-		return false;
-	}
-	return true;
+	return ck_nodes_wait(topo, errmsg);
 }
 
 /*---- after a failover: deliveries the new master may not have ----*/
@@ -445,7 +532,7 @@ ck_topology_note_delivered(CkTopology *topo, const CkEntry *entries, int n)
  * is then not to be used).
  */
 bool
-ck_topology_replay(CkTopology *topo, CkConn *conn, char **error)
+ck_topology_replay(CkTopology *topo, char **error)
 {
 	CkEntry		e;
 	CkDeliveryStats stats;
@@ -482,7 +569,7 @@ ck_topology_replay(CkTopology *topo, CkConn *conn, char **error)
 	e.ntags = t;
 	if (k + t > 0)
 	{
-		if (!ck_deliver(conn, &e, 1, &stats, error))
+		if (!ck_deliver(topo, &e, 1, &stats, error))
 			return false;
 		if (e.failed)
 		{

@@ -3,7 +3,8 @@
  * url.c
  *	  Parsing cachekit.redis_url: where Redis is and how to log in.
  *
- *	  redis://[[user]:password@]host[:port][/db]
+ *	  redis://[[user]:password@]host[:port][,host[:port]...][/db]
+ *	                                      several hosts: Redis Cluster seeds
  *	  rediss://...                        the same over TLS
  *	  unix://[[user]:password@]/path/to/redis.sock[?db=N]
  *	  redis-sentinel://[[user]:password@]host[:port][,host[:port]...][/db]
@@ -240,23 +241,24 @@ ck_parse_query(const char *s, int len, CkRedisUrl *out, char **errmsg)
 	return true;
 }
 
-/* Parse host[:port][,host[:port]...] of a Sentinel URL. */
+/* Parse host[:port][,host[:port]...] (Sentinels, or cluster seeds). */
 static bool
-ck_parse_sentinels(const char *s, int len, CkRedisUrl *out, char **errmsg)
+ck_parse_host_list(const char *s, int len, int defport, int *nout, CkHostPort **out,
+				   char **errmsg)
 {
 	int			n = 1;
 
 	for (int i = 0; i < len; i++)
 		if (s[i] == ',')
 			n++;
-	out->sentinels = palloc0(sizeof(CkHostPort) * n);
-	out->nsentinels = n;
+	*out = palloc0(sizeof(CkHostPort) * n);
+	*nout = n;
 	for (int i = 0; i < n; i++)
 	{
 		const char *comma = memchr(s, ',', len);
 		int			part = comma ? comma - s : len;
 
-		if (!ck_parse_hostport(s, part, CK_SENTINEL_PORT, &out->sentinels[i], errmsg))
+		if (!ck_parse_hostport(s, part, defport, &(*out)[i], errmsg))
 			return false;
 		s += part + 1;
 		len -= part + 1;
@@ -365,20 +367,26 @@ ck_parse_redis_url(const char *url, CkRedisUrl *out, char **errmsg)
 	{
 		const char *slash = memchr(p, '/', end - p);
 		const char *hostend = slash ? slash : end;
-		CkHostPort	hp;
-
 		if (out->kind == CK_REDIS_SENTINEL)
 		{
-			if (!ck_parse_sentinels(p, hostend - p, out, errmsg))
+			if (!ck_parse_host_list(p, hostend - p, CK_SENTINEL_PORT, &out->nsentinels,
+									&out->sentinels, errmsg))
 				return false;
 		}
 		else
 		{
-			if (!ck_parse_hostport(p, hostend - p, 6379, &hp, errmsg))
+			if (!ck_parse_host_list(p, hostend - p, 6379, &out->nhosts, &out->hosts, errmsg))
 				return false;
-			out->host = hp.host;
-			out->port = hp.port;
+			out->host = out->hosts[0].host;
+			out->port = out->hosts[0].port;
 		}
-		return ck_parse_db_path(hostend, end - hostend, out, errmsg);
+		if (!ck_parse_db_path(hostend, end - hostend, out, errmsg))
+			return false;
+		if (out->nhosts > 1 && out->db != 0)
+		{
+			*errmsg = "several hosts name Redis Cluster seeds, and Redis Cluster has only database 0";
+			return false;
+		}
+		return true;
 	}
 }

@@ -130,7 +130,6 @@ typedef struct CkTarget
 	char	   *url;
 	int			slot;			/* its shared state (targets.c), or -1 */
 	CkTopology *topology;		/* made from url, remade after a reload */
-	CkConn	   *redis;			/* the connection, NULL when there is none */
 	char	   *current_host;	/* for messages, without the password */
 	bool		redis_down;		/* logged the loss, not yet the return */
 	int			backoff_ms;
@@ -160,18 +159,17 @@ ck_select_target(int i)
 }
 
 /*
- * The longest wait between reconnection attempts through Sentinel (when
- * cachekit.retry_max_delay is longer): after a failover, delivery resumes
- * soon after the Sentinels name the new master.
+ * The longest wait between reconnection attempts through Sentinel or to a
+ * Redis Cluster (when cachekit.retry_max_delay is longer): after a
+ * failover, delivery resumes soon after the new primary is named.
  */
 #define CK_SENTINEL_RETRY_MS 400
 
-/* Close the Redis connection, if any. */
+/* Close the current target's Redis connection(s), if any. */
 static void
 ck_drop_connection(void)
 {
-	ck_conn_free(cur->redis);
-	cur->redis = NULL;
+	ck_topology_disconnect(cur->topology);
 }
 
 /* Exit callback: stop advertising our latch. */
@@ -184,10 +182,7 @@ ck_worker_exit(int code, Datum arg)
 	ck_shared->connected = false;
 	SpinLockRelease(&ck_shared->mutex);
 	for (int i = 0; i < ntargets; i++)
-	{
-		ck_conn_free(targets[i].redis);
-		targets[i].redis = NULL;
-	}
+		ck_topology_disconnect(targets[i].topology);
 	/* give the targets' shared slots back: a dropped database keeps none */
 	ck_target_release_others(NIL);
 }
@@ -203,7 +198,7 @@ ck_set_connected(bool connected)
 
 	ck_target_set_connected(cur->slot, connected);
 	for (int i = 0; i < ntargets; i++)
-		if (&targets[i] != cur && !ck_conn_usable(targets[i].redis))
+		if (&targets[i] != cur && !ck_topology_usable(targets[i].topology))
 			all = false;
 	SpinLockAcquire(&ck_shared->mutex);
 	ck_shared->connected = connected && all;
@@ -264,9 +259,8 @@ ck_connect(void)
 						  true);
 		return false;
 	}
-	cur->redis = ck_topology_connect(cur->topology, &where, &err);
-	if (cur->redis == NULL || !ck_deliver_prepare(cur->redis, &err) ||
-		!ck_topology_replay(cur->topology, cur->redis, &err))
+	if (!ck_topology_connect(cur->topology, &where, &err) ||
+		!ck_topology_replay(cur->topology, &err))
 	{
 		ck_drop_connection();
 		/* an attempt a reload cut short is no failure: it starts over now */
@@ -303,7 +297,7 @@ ck_ensure_connection(void)
 	MemoryContext old;
 	bool		ok;
 
-	if (ck_conn_usable(cur->redis))
+	if (ck_topology_usable(cur->topology))
 		return true;
 	if (connect_cxt == NULL)
 		connect_cxt = AllocSetContextCreate(TopMemoryContext, "cachekit connect",
@@ -1134,7 +1128,7 @@ ck_pass_nothing(bool installed, bool full, int64 floor_before, bool *drained)
 	 * with several targets, one that is down backs off, so that its
 	 * attempts do not cost the others' rounds
 	 */
-	if (installed && !ck_conn_usable(cur->redis) && !ck_ensure_connection() &&
+	if (installed && !ck_topology_usable(cur->topology) && !ck_ensure_connection() &&
 		ntargets > 1)
 		return CK_PASS_FAILED;
 	/* a full read of others' entries moved the floor: read on at once */
@@ -1205,10 +1199,10 @@ ck_pass(MemoryContext batch_cxt, bool *drained)
 	}
 	pgstat_report_activity(STATE_RUNNING, "delivering to Redis");
 	ck_waiting_hold(entries, n);
-	ok = ck_deliver(cur->redis, entries, n, &stats, &err);
+	ok = ck_deliver(cur->topology, entries, n, &stats, &err);
 	/* through Sentinel: the replicas have it too, or a failover could lose it */
 	if (ok)
-		ok = ck_topology_sync(cur->redis, &err);
+		ok = ck_topology_sync(cur->topology, &err);
 	if (!ok)
 	{
 		MemoryContextSwitchTo(old);
@@ -1436,8 +1430,8 @@ ck_pass_guarded(MemoryContext batch_cxt, bool *drained)
 		if (cur_index == 0)
 			ck_sweep_unconfigured();
 		/* second deletes that are due (redelete.c), on the pass's connection */
-		if (result != CK_PASS_FAILED && ck_conn_usable(cur->redis) &&
-			!ck_redelete_run_due(cur->redis, &err))
+		if (result != CK_PASS_FAILED && ck_topology_usable(cur->topology) &&
+			!ck_redelete_run_due(cur->topology, &err))
 		{
 			ck_report_failure(err, true);
 			ck_drop_connection();
@@ -1558,7 +1552,6 @@ ck_load_targets(void)
 
 	for (int t = 0; t < ntargets; t++)
 	{
-		ck_conn_free(targets[t].redis);
 		ck_topology_free(targets[t].topology);
 		if (targets[t].cand.vxids)
 			pfree(targets[t].cand.vxids);
@@ -1610,8 +1603,9 @@ ck_back_off(void)
 	cur->backoff_ms = cur->backoff_ms == 0 ? CK_FIRST_RETRY_MS :
 		Min(cur->backoff_ms * 2, ck_retry_max_delay);
 	cur->backoff_ms = Min(cur->backoff_ms, ck_retry_max_delay);
-	if (cur->redis == NULL && cur->topology != NULL &&
-		cur->topology->url.kind == CK_REDIS_SENTINEL)
+	if (!ck_topology_usable(cur->topology) && cur->topology != NULL &&
+		(cur->topology->url.kind == CK_REDIS_SENTINEL ||
+		 cur->topology->mode == CK_MODE_CLUSTER))
 		cur->backoff_ms = Min(cur->backoff_ms, CK_SENTINEL_RETRY_MS);
 	cur->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), cur->backoff_ms);
 }
@@ -1807,7 +1801,7 @@ static long
 ck_idle_ms(void)
 {
 	for (int i = 0; i < ntargets; i++)
-		if (targets[i].last_pass_entries > 0 || !ck_conn_usable(targets[i].redis))
+		if (targets[i].last_pass_entries > 0 || !ck_topology_usable(targets[i].topology))
 			idle_ms = CK_IDLE_TIMEOUT_MS;
 	return idle_ms;
 }

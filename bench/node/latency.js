@@ -15,7 +15,9 @@
 // Environment: PGHOST PGPORT PGUSER PGDATABASE (read by pg), REDIS_PORT,
 // SAMPLES (1000), WARMUP (20), ID_FIRST, ID_LAST (ids to update, a range the
 // background load does not touch), MAX_GAP_MS (5: random pause between
-// samples), TIMEOUT_MS (2000), RAW_FILE.
+// samples), TIMEOUT_MS (2000), RAW_FILE. REDIS_CLUSTER_PORTS (comma list of
+// a Redis Cluster's primaries, instead of REDIS_PORT): keys are SET through
+// the cluster and notifications heard on every primary.
 
 const fs = require('fs');
 const { Client } = require('pg');
@@ -28,7 +30,8 @@ const idLast = Number(process.env.ID_LAST || 100000);
 const maxGapMs = Number(process.env.MAX_GAP_MS || 5);
 const timeoutMs = Number(process.env.TIMEOUT_MS || 2000);
 const redisPort = Number(process.env.REDIS_PORT);
-if (!redisPort) {
+const clusterPorts = (process.env.REDIS_CLUSTER_PORTS || '').split(',').filter(Boolean).map(Number);
+if (!redisPort && clusterPorts.length === 0) {
   console.error('latency: REDIS_PORT must be set');
   process.exit(2);
 }
@@ -43,19 +46,32 @@ function percentile(sorted, p) {
 }
 
 async function main() {
-  const cmd = new Redis({ host: '127.0.0.1', port: redisPort });
-  const sub = new Redis({ host: '127.0.0.1', port: redisPort });
+  const ports = clusterPorts.length ? clusterPorts : [redisPort];
+  const nodes = ports.map((port) => new Redis({ host: '127.0.0.1', port }));
+  // a key's node in a cluster: asked once, then remembered (MOVED names it)
+  const nodeOf = new Map();
+  const setCached = async (key) => {
+    const node = nodeOf.get(key) || nodes[0];
+    try {
+      await node.set(key, 'cached');
+    } catch (err) {
+      const moved = /^MOVED \d+ [^ ]*:(\d+)$/.exec(err.message);
+      if (!moved) throw err;
+      nodeOf.set(key, nodes[ports.indexOf(Number(moved[1]))]);
+      await nodeOf.get(key).set(key, 'cached');
+    }
+  };
   const pg = new Client();
   await pg.connect();
 
-  const before = await cmd.config('GET', 'notify-keyspace-events');
+  const before = await nodes[0].config('GET', 'notify-keyspace-events');
   const previousFlags = before[1] || '';
   // K: keyspace channel, g: generic commands (DEL, UNLINK, ...)
-  await cmd.config('SET', 'notify-keyspace-events', 'Kg');
+  for (const n of nodes) await n.config('SET', 'notify-keyspace-events', 'Kg');
 
   const prefix = '__keyspace@0__:';
   const waiters = new Map(); // key -> { resolve }
-  sub.on('pmessage', (pattern, channel, message) => {
+  const onMessage = (pattern, channel, message) => {
     const t = now();
     if (message !== 'del') return;
     const w = waiters.get(channel.slice(prefix.length));
@@ -63,8 +79,12 @@ async function main() {
       waiters.delete(channel.slice(prefix.length));
       w.resolve(t);
     }
-  });
-  await sub.psubscribe(prefix + 'user:*');
+  };
+  const subs = ports.map((port) => new Redis({ host: '127.0.0.1', port }));
+  for (const sub of subs) {
+    sub.on('pmessage', onMessage);
+    await sub.psubscribe(prefix + 'user:*');
+  }
 
   const update = {
     name: 'lat_update',
@@ -79,7 +99,7 @@ async function main() {
   for (let i = 0; i < warmup + samples; i++) {
     const id = idFirst + Math.floor(Math.random() * (idLast - idFirst + 1));
     const key = `user:${id}`;
-    await cmd.set(key, 'cached');
+    await setCached(key);
 
     let timer;
     const seen = new Promise((resolve) => {
@@ -106,10 +126,12 @@ async function main() {
     await sleep(Math.random() * maxGapMs);
   }
 
-  await cmd.config('SET', 'notify-keyspace-events', previousFlags);
-  await sub.punsubscribe();
-  sub.disconnect();
-  cmd.disconnect();
+  for (const n of nodes) await n.config('SET', 'notify-keyspace-events', previousFlags);
+  for (const sub of subs) {
+    await sub.punsubscribe();
+    sub.disconnect();
+  }
+  for (const n of nodes) n.disconnect();
   await pg.end();
 
   if (process.env.RAW_FILE) {

@@ -10,6 +10,8 @@
 #   my $u     = start_unix_redis();              # $u->{socket}
 #   my $group = start_sentinel_group();          # {master, replica, sentinels}
 #   my $surl  = sentinel_url($group);            # redis-sentinel://...#mymaster
+#   my $cl    = start_cluster(pki => $pki);      # 3 primaries + 3 replicas
+#   my $curl  = cluster_url($cl);                # rediss://h:p1,h:p2,h:p3/
 #
 # Every server is a CachekitTest::Redis (start_redis): it keeps its plain
 # port on 127.0.0.1, so redis_cmd works on it as on any other, and it is
@@ -36,6 +38,8 @@ use CachekitTest;
 our @EXPORT = qw(
   make_pki make_cert_pair start_tls_redis tls_url start_unix_redis
   start_sentinel_group sentinel_url sentinel_master_port expect_outage
+  start_cluster cluster_url cluster_primaries cluster_cli cluster_keys
+  cluster_node_of cluster_wait_ok cluster_get cluster_check_rows cluster_quote
 );
 
 my $MASTER_NAME = 'mymaster';
@@ -329,6 +333,264 @@ sub sentinel_master_port
 	my $out = redis_cmd($group->{sentinels}[0], 'SENTINEL', 'get-master-addr-by-name', $MASTER_NAME);
 	my (undef, $port) = split /\n/, $out;
 	return $port;
+}
+
+
+=pod
+
+=item start_cluster(%opts)
+
+A Redis Cluster made like production makes one: redis-server nodes with
+--cluster-enabled yes joined by redis-cli --cluster create. Options:
+primaries (3), replicas per primary (1), pki (TLS on every node, the
+cluster bus and replication too: tls-cluster, tls-replication), args.
+Returns {nodes => [...], pki}; every node also keeps its plain port for
+redis_cmd. Waits until every node says cluster_state:ok.
+
+=cut
+
+sub start_cluster
+{
+	my (%opts) = @_;
+	my $primaries = $opts{primaries} // 3;
+	my $replicas  = $opts{replicas}  // 1;
+	my $pki       = $opts{pki};
+	my @args = ('--cluster-enabled', 'yes', '--cluster-node-timeout', $opts{node_timeout} // 2000,
+		@{ $opts{args} // [] });
+	# the cluster bus port is a free port too (not the default port + 10000)
+	my @nodes = map {
+		my @bus = ('--cluster-port', PostgreSQL::Test::Cluster::get_free_port());
+		$pki
+		  ? start_tls_redis($pki,
+			args => [ @args, @bus, '--tls-cluster', 'yes', '--tls-replication', 'yes' ])
+		  : start_redis(args => [ @args, @bus ])
+	} 1 .. $primaries * (1 + $replicas);
+	my $cl = { nodes => \@nodes, pki => $pki };
+	my @create = ('redis-cli', _cli_tls($cl), '--cluster', 'create',
+		(map { '127.0.0.1:' . _node_port($cl, $_) } @nodes),
+		'--cluster-replicas', $replicas, '--cluster-yes');
+	my ($out, $err) = ('', '');
+	IPC::Run::run(\@create, '<', \'', '>', \$out, '2>', \$err, IPC::Run::timeout(180));
+	croak "redis-cli --cluster create failed:\n$out\n$err" if $?;
+	cluster_wait_ok($cl, 120) or croak "the cluster did not reach cluster_state:ok";
+	return $cl;
+}
+
+# the port clients (and the cluster bus) use: the TLS one on a TLS cluster
+sub _node_port
+{
+	my ($cl, $r) = @_;
+	return $cl->{pki} ? $r->{tls_port} : $r->{port};
+}
+
+# redis-cli options to reach a TLS cluster
+sub _cli_tls
+{
+	my ($cl) = @_;
+	return () unless $cl->{pki};
+	return ('--tls', '--cacert', $cl->{pki}{ca}{crt});
+}
+
+=pod
+
+=item cluster_wait_ok($cl, $timeout)
+
+Waits until every running node says cluster_state:ok and knows all 16384
+slots; true if they did in time.
+
+=cut
+
+sub cluster_wait_ok
+{
+	my ($cl, $timeout) = @_;
+	return wait_for(
+		sub {
+			for my $r (grep { $_->running } @{ $cl->{nodes} })
+			{
+				my ($rc, $info) = redis_try_cmd($r, 'CLUSTER', 'INFO');
+				return 0
+				  unless $rc == 0
+				  && $info =~ /cluster_state:ok/
+				  && $info =~ /cluster_slots_ok:16384/;
+			}
+			return 1;
+		},
+		$timeout // 120);
+}
+
+=pod
+
+=item cluster_url($cl [, @nodes])
+
+redis:// (rediss:// on a TLS cluster) URL listing the nodes as seeds
+(default: all of them).
+
+=cut
+
+sub cluster_url
+{
+	my ($cl, @nodes) = @_;
+	@nodes = @{ $cl->{nodes} } unless @nodes;
+	return ($cl->{pki} ? 'rediss://' : 'redis://')
+	  . join(',', map { '127.0.0.1:' . _node_port($cl, $_) } @nodes) . '/';
+}
+
+=pod
+
+=item cluster_primaries($cl)
+
+The running nodes that are primaries serving slots now.
+
+=cut
+
+sub cluster_primaries
+{
+	my ($cl) = @_;
+	return grep {
+		my ($rc, $nodes) = redis_try_cmd($_, 'CLUSTER', 'NODES');
+		my ($me) = grep { /myself/ } split /\n/, $nodes;
+		$rc == 0 && $me && $me =~ /master/ && scalar(split / /, $me) > 8;
+	} grep { $_->running && !$_->{paused} } @{ $cl->{nodes} };
+}
+
+=pod
+
+=item cluster_cli($cl, $stdin, @args)
+
+redis-cli -c (following redirections) against a running node; with
+$stdin, one command per line is read from it (redis-cli's quoting:
+"\x00" and the like). Returns the output.
+
+=cut
+
+sub cluster_cli
+{
+	my ($cl, $stdin, @args) = @_;
+	my ($r) = grep { $_->running && !$_->{paused} } @{ $cl->{nodes} };
+	my @cmd = ('redis-cli', '-c', '-h', '127.0.0.1', '-p', $r->{port}, '--raw', @args);
+	my ($out, $err) = ('', '');
+	my $in = $stdin // '';
+	IPC::Run::run(\@cmd, '<', \$in, '>', \$out, '2>', \$err, IPC::Run::timeout(120));
+	croak "redis-cli -c failed: @cmd\n$err$out" if $?;
+	$out =~ s/^-> Redirected to slot .*\n//mg;
+	$out =~ s/\n\z//;
+	return $out;
+}
+
+=pod
+
+=item cluster_keys($cl, $pattern)
+
+Sorted keys matching $pattern over every primary.
+
+=cut
+
+sub cluster_keys
+{
+	my ($cl, $pattern) = @_;
+	return sort map { redis_keys($_, $pattern) } cluster_primaries($cl);
+}
+
+=pod
+
+=item cluster_node_of($cl, $key)
+
+The primary serving a key's slot now.
+
+=cut
+
+sub cluster_node_of
+{
+	my ($cl, $key) = @_;
+	my ($any) = grep { $_->running } @{ $cl->{nodes} };
+	my $slot = redis_cmd($any, 'CLUSTER', 'KEYSLOT', $key);
+	for my $r (cluster_primaries($cl))
+	{
+		return $r if _serves($r, $slot);
+	}
+	return undef;
+}
+
+# does a primary serve a slot (its own line of CLUSTER NODES lists it)?
+sub _serves
+{
+	my ($r, $slot) = @_;
+	my ($me) = grep { /myself/ } split /\n/, redis_cmd($r, 'CLUSTER', 'NODES');
+	my @f = split / /, $me;
+	for my $range (@f[ 8 .. $#f ])
+	{
+		next if $range =~ /^\[/;
+		my ($lo, $hi) = split /-/, $range;
+		$hi //= $lo;
+		return 1 if $slot >= $lo && $slot <= $hi;
+	}
+	return 0;
+}
+
+=pod
+
+=item cluster_quote($string)
+
+A string quoted for a redis-cli command line read from stdin.
+
+=cut
+
+sub cluster_quote
+{
+	my ($s) = @_;
+	$s =~ s/(["\\])/\\$1/g;
+	$s =~ s/\t/\\t/g;
+	$s =~ s/\n/\\n/g;
+	return "\"$s\"";
+}
+
+=pod
+
+=item cluster_get($cl, @keys)
+
+The values of keys (undef when missing), read with redis-cli -c.
+
+=cut
+
+sub cluster_get
+{
+	my ($cl, @keys) = @_;
+	my %v;
+	return \%v unless @keys;
+	my $in = join('', map { 'EXISTS ' . cluster_quote($_) . "\nGET " . cluster_quote($_) . "\n" } @keys);
+	my @out = split /\n/, cluster_cli($cl, $in), -1;
+	for my $k (@keys)
+	{
+		my ($exists, $val) = splice(@out, 0, 2);
+		$v{$k} = $exists eq '1' ? $val : undef;
+	}
+	return \%v;
+}
+
+=pod
+
+=item cluster_check_rows($node, $cl, $table, $prefix)
+
+Every key "$prefix<id>" in the cluster is equal to to_jsonb of its row of
+$table (by id); returns the list of mismatches (empty when all are).
+
+=cut
+
+sub cluster_check_rows
+{
+	my ($node, $cl, $table, $prefix) = @_;
+	my @keys = grep { /^\Q$prefix\E\d+$/ } cluster_keys($cl, "$prefix*");
+	my $vals = cluster_get($cl, @keys);
+	my @bad;
+	for my $k (@keys)
+	{
+		my ($id) = $k =~ /(\d+)$/;
+		my $v = $vals->{$k} // next;
+		my $same = $node->safe_psql('postgres',
+			"SELECT coalesce((SELECT to_jsonb(t) = \$v\$$v\$v\$::jsonb FROM $table t WHERE id = $id), false)");
+		push @bad, "$k: $v" unless $same eq 't';
+	}
+	return @bad;
 }
 
 1;
