@@ -140,7 +140,8 @@ like(rget('product:A1'), qr/10\.25/, 'the value has the new price');
 $ttl = ttl_of('product:A1');
 ok($ttl > 5 && $ttl <= 300, "an UPDATE sets the key's TTL again (is $ttl)");
 $set_ttl = ttl_of('tag:team:7');
-ok($set_ttl >= 300 && $set_ttl <= 600, "an UPDATE raises the tag set's TTL again (is $set_ttl)");
+# raised from 5 s to the key's 300 s or past it (seconds may pass on a busy machine)
+ok($set_ttl >= 280 && $set_ttl <= 600, "an UPDATE raises the tag set's TTL again (is $set_ttl)");
 
 # several updates in one transaction: the last one counts
 sql(q{BEGIN; UPDATE products SET price = 11 WHERE id = 1;

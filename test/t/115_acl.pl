@@ -80,7 +80,9 @@ sub scenario
 	  && $r->('GET', 'item:' . ($base + 2)) =~ /"v":"b"/
 	  && $r->('TTL', 'item:' . ($base + 2)) > 0
 	  && $r->('SISMEMBER', 'tag:team:' . ($base + 1), 'item:' . ($base + 2)) eq '1'
-	  && $r->('TTL', 'tag:team:' . ($base + 1)) > 600;
+	  # raised from the reader's 30 s to past the key's 600 s; a busy machine
+	  # may take a few seconds between the write and this look
+	  && $r->('TTL', 'tag:team:' . ($base + 1)) > 580;
 }
 
 ok(scenario(60), 'everything is delivered with exactly the listed commands');
