@@ -53,7 +53,11 @@ ok( wait_for(
 		60),
 	'the Sentinel knows the primary');
 
-my @cluster = map { start_redis(args => [ '--cluster-enabled', 'yes' ]) } 1 .. 3;
+# the cluster bus port is a free port too (the default, port + 10000, may be taken)
+my @cluster = map {
+	start_redis(args => [ '--cluster-enabled', 'yes',
+			'--cluster-port', PostgreSQL::Test::Cluster::get_free_port() ])
+} 1 .. 3;
 my ($rc, $out, $err) = ('', '', '');
 IPC::Run::run(
 	[ 'redis-cli', '--cluster', 'create', (map { "127.0.0.1:$_->{port}" } @cluster),
