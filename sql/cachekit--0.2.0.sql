@@ -234,29 +234,8 @@ REVOKE ALL ON FUNCTION @extschema@.cachekit_worker_state() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.cachekit_worker_state() TO pg_monitor;
 GRANT SELECT ON @extschema@.cachekit_stats TO pg_monitor;
 
--- Replaying dead letters resolves nothing through the caller's search_path.
-CREATE OR REPLACE FUNCTION @extschema@.cachekit_replay_dead_letters(ids bigint[] DEFAULT NULL)
-RETURNS bigint
-LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-	WITH moved AS (
-		DELETE FROM @extschema@.cachekit_dead_letter
-		WHERE ids IS NULL OR id OPERATOR(pg_catalog.=) ANY (ids)
-		RETURNING id, kind, keys, tags, untags, enqueued_at
-	), queued AS (
-		INSERT INTO @extschema@.cachekit_queue (kind, keys, tags, untags, enqueued_at)
-		SELECT CASE WHEN kind OPERATOR(pg_catalog.=) 'w'::"char" THEN 'd'::"char" ELSE kind END,
-			   keys,
-			   CASE WHEN kind OPERATOR(pg_catalog.=) 'w'::"char" THEN '{}'::text[] ELSE tags END,
-			   CASE WHEN kind OPERATOR(pg_catalog.=) 'w'::"char"
-					THEN tags OPERATOR(pg_catalog.||) untags ELSE untags END,
-			   enqueued_at
-		FROM moved ORDER BY id
-		RETURNING 1
-	)
-	SELECT pg_catalog.count(*) FROM queued;
-$$;
+-- Replaying dead letters resolves nothing through the caller's search_path:
+-- cachekit_replay_dead_letters is replaced so in the targets section below.
 
 -- ---- logical replication (issue 9): a subscriber of a FOR ALL TABLES ----
 -- publication keeps its own queue. In the apply worker only (ENABLE
