@@ -320,6 +320,21 @@ typedef struct CkEntry
 	char	  **targets;
 } CkEntry;
 
+/* a string named by entries of a batch, and which entry */
+typedef struct CkItem
+{
+	const char *str;
+	int			entry;
+} CkItem;
+
+/* one distinct string with the entries that named it, in queue order */
+typedef struct CkGroup
+{
+	const char *str;
+	int			nentries;
+	int		   *entries;
+} CkGroup;
+
 /* counters of one delivered batch */
 typedef struct CkDeliveryStats
 {
@@ -334,6 +349,7 @@ typedef struct CkConn CkConn;	/* a Redis connection, see protocol.c */
 typedef struct CkTopology CkTopology;	/* where commands go, see topology.c */
 
 extern CkErrorClass ck_error_class(const char *msg);
+extern int	ck_group_items(CkItem *items, int nitems, CkGroup **groups_out);
 extern bool ck_deliver_prepare(CkConn *conn, char **errmsg);
 extern const char *const *ck_deliver_scripts(int *n);
 extern bool ck_deliver(CkTopology *topo, CkEntry *entries, int n, CkDeliveryStats *stats,

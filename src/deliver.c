@@ -48,19 +48,30 @@
 #define CK_CHUNK 500
 
 /*
- * Begin a flush: KEYS[1] is the tag's set, KEYS[2] the private set.
- * Returns 2 when an interrupted flush left a private set to drain first,
- * 1 when the set was renamed, 0 when there is nothing to flush.
+ * Begin flushes: KEYS holds pairs, a tag's set and its private set. For
+ * each pair one string in the reply: "2" when an interrupted flush left a
+ * private set to drain first, "1" when the set was renamed, "0" when there
+ * is nothing to flush, or the error that refuses that tag (one tag's wrong
+ * type does not stop the others). On one node a segment's tags begin in
+ * one call (CK_CHUNK pairs at most); in a cluster each tag in its own.
  */
 static const char *flush_begin_script =
-"local t = redis.call('TYPE', KEYS[2]).ok\n"
-"if t == 'set' then return 2 end\n"
-"if t ~= 'none' then return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' is not a set') end\n"
-"t = redis.call('TYPE', KEYS[1]).ok\n"
-"if t == 'none' then return 0 end\n"
-"if t ~= 'set' then return redis.error_reply('WRONGTYPE tag set ' .. KEYS[1] .. ' holds a ' .. t .. ', not a set') end\n"
-"redis.call('RENAME', KEYS[1], KEYS[2])\n"
-"return 1\n";
+"local r = {}\n"
+"for i = 1, #KEYS, 2 do\n"
+"  local t = redis.call('TYPE', KEYS[i + 1]).ok\n"
+"  if t == 'set' then r[#r + 1] = '2'\n"
+"  elseif t ~= 'none' then r[#r + 1] = 'WRONGTYPE ' .. KEYS[i + 1] .. ' is not a set'\n"
+"  else\n"
+"    t = redis.call('TYPE', KEYS[i]).ok\n"
+"    if t == 'none' then r[#r + 1] = '0'\n"
+"    elseif t ~= 'set' then r[#r + 1] = 'WRONGTYPE tag set ' .. KEYS[i] .. ' holds a ' .. t .. ', not a set'\n"
+"    else\n"
+"      redis.call('RENAME', KEYS[i], KEYS[i + 1])\n"
+"      r[#r + 1] = '1'\n"
+"    end\n"
+"  end\n"
+"end\n"
+"return r\n";
 
 /* Drain step: pop up to ARGV[1] members of KEYS[1] and unlink them; returns how many. */
 static const char *flush_drain_script =
@@ -153,21 +164,6 @@ static const char *const *const scripts[CK_NSCRIPTS] = {
 };
 static char script_sha[CK_NSCRIPTS][41];
 
-/* a string named by entries of the batch, and which entries */
-typedef struct CkItem
-{
-	const char *str;
-	int			entry;
-} CkItem;
-
-/* one distinct string with the entries that named it, in queue order */
-typedef struct CkGroup
-{
-	const char *str;
-	int			nentries;
-	int		   *entries;
-} CkGroup;
-
 /* where a tag's flush stands */
 typedef enum CkFlushPhase
 {
@@ -192,6 +188,9 @@ typedef struct CkFlush
 	int			nmembers;		/* cluster: the chunk being deleted */
 	char	  **members;
 	int		   *cmd_first;		/* ...sorted by slot: each UNLINK's first */
+	CkCmd	   *begin_cmd;		/* one node: the begin shared with other tags */
+	int			begin_elem;		/* ...this tag's place in its reply */
+	int			begin_count;	/* ...and how many tags it began */
 } CkFlush;
 
 /* what one key ends up as after all entries of the batch */
@@ -327,7 +326,7 @@ ck_item_cmp(const void *a, const void *b)
 }
 
 /* Collapse items into groups of equal strings; returns the group count. */
-static int
+int
 ck_group_items(CkItem *items, int nitems, CkGroup **groups_out)
 {
 	CkGroup    *groups = palloc(sizeof(CkGroup) * (nitems > 0 ? nitems : 1));
@@ -834,6 +833,37 @@ ck_private_set(CkBatch *b, const char *set)
 	return psprintf("cachekit:flushing:{%s}%s", ck_slot_tag(ck_key_slot(set, strlen(set))), set);
 }
 
+/* One node: begin the flushes in calls of CK_CHUNK tags at most. */
+static void
+ck_append_begins(CkBatch *b, CkFlush *flushes, int ntags)
+{
+	const char **argv = palloc(sizeof(char *) * (2 * Min(ntags, CK_CHUNK) + 3));
+
+	for (int first = 0; first < ntags; first += CK_CHUNK)
+	{
+		int			count = Min(ntags - first, CK_CHUNK);
+		int			argc = 0;
+		CkCmd	   *cmd;
+
+		argv[argc++] = "EVALSHA";
+		argv[argc++] = script_sha[CK_SCRIPT_FLUSH_BEGIN];
+		argv[argc++] = psprintf("%d", 2 * count);
+		for (int t = first; t < first + count; t++)
+		{
+			argv[argc++] = flushes[t].set;
+			argv[argc++] = flushes[t].private_set;
+		}
+		cmd = ck_send_strings(b, flushes[first].set, argc, argv);
+		for (int t = first; t < first + count; t++)
+		{
+			flushes[t].begin_cmd = cmd;
+			flushes[t].begin_elem = t - first;
+			flushes[t].begin_count = count;
+		}
+	}
+	pfree(argv);
+}
+
 /* Start the flushes of the tags of segment s (none of a held entry). */
 static CkFlush *
 ck_start_flushes(CkBatch *b, int s, int *nflushes)
@@ -866,10 +896,76 @@ ck_start_flushes(CkBatch *b, int s, int *nflushes)
 		flushes[t].set = psprintf("%s%s", ck_tag_prefix, tags[t].str);
 		flushes[t].private_set = ck_private_set(b, flushes[t].set);
 		flushes[t].phase = CK_FLUSH_BEGIN;
-		ck_append_flush_step(b, &flushes[t]);
+		if (b->cluster)
+			ck_append_flush_step(b, &flushes[t]);
 	}
+	if (!b->cluster)
+		ck_append_begins(b, flushes, ntags);
 	*nflushes = ntags;
 	return flushes;
+}
+
+/*
+ * One tag's outcome in a flush_begin reply: element i as an integer reply,
+ * or as the error that refused the tag.
+ */
+static void
+ck_begin_element(const CkReply *arr, int i, CkReply *out)
+{
+	const char *v = (i < arr->nelems) ? arr->elems[i] : NULL;
+
+	memset(out, 0, sizeof(CkReply));
+	if (v != NULL && v[0] >= '0' && v[0] <= '2' && v[1] == '\0')
+	{
+		out->status = CK_REPLY_OK;
+		out->integer = v[0] - '0';
+	}
+	else
+	{
+		out->status = CK_REPLY_ERROR;
+		out->error = pstrdup(v ? v : "ERR unexpected reply to the begin of a tag flush");
+	}
+}
+
+/*
+ * One node: read the shared begins. A call refused as a whole for a reason
+ * that may concern one tag only (an ACL key pattern) leaves its tags in
+ * the begin phase, to be sent alone next; otherwise its tags fail with it.
+ */
+static bool
+ck_read_begins(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
+{
+	CkReply		reply;
+	CkCmd	   *read = NULL;
+
+	for (int t = 0; t < ntags; t++)
+	{
+		CkFlush    *f = &flushes[t];
+		CkReply		one;
+
+		if (f->begin_cmd != read)
+		{
+			if (!ck_recv(b->topo, f->begin_cmd, &reply, errmsg))
+				return false;
+			read = f->begin_cmd;
+		}
+		f->begin_cmd = NULL;
+		if (reply.status != CK_REPLY_OK && f->begin_count > 1 &&
+			ck_error_class(reply.error) == CK_ERRCLASS_ENTRY)
+			continue;
+		if (reply.status == CK_REPLY_OK)
+			ck_begin_element(&reply, f->begin_elem, &one);
+		else
+			one = reply;
+		if (one.status != CK_REPLY_OK)
+		{
+			ck_fail_group(b->entries, f->group, &one);
+			f->failed = true;
+		}
+		else
+			ck_advance_flush(b, f, &one);
+	}
+	return true;
 }
 
 /*
@@ -892,6 +988,8 @@ ck_read_flush_step(CkBatch *b, CkFlush *f, char **errmsg)
 		if (i == 0 || (!ok[i] && first.status == CK_REPLY_OK))
 			first = reply;
 	}
+	if (f->phase == CK_FLUSH_BEGIN && first.status == CK_REPLY_OK)
+		ck_begin_element(&reply, 0, &first);
 	if (first.status != CK_REPLY_OK)
 	{
 		ck_fail_group(b->entries, f->group, &first);
@@ -904,36 +1002,42 @@ ck_read_flush_step(CkBatch *b, CkFlush *f, char **errmsg)
 	return true;
 }
 
-/* Read flush replies and send next steps until every flush is done or failed. */
+/*
+ * Read flush replies and send next steps until every flush is done or
+ * failed (in a cluster, the first steps were sent by ck_start_flushes; on
+ * one node, the shared begins are read first).
+ */
 static bool
 ck_run_flushes(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
 {
-	int			active = ntags;
+	bool		sent = b->cluster;
 
-	while (active > 0)
+	if (!b->cluster && !ck_read_begins(b, flushes, ntags, errmsg))
+		return false;
+	for (;;)
 	{
+		int			active = 0;
+
 		for (int t = 0; t < ntags; t++)
 		{
-			CkFlush    *f = &flushes[t];
-
-			if (f->phase == CK_FLUSH_DONE || f->failed)
+			if (flushes[t].phase == CK_FLUSH_DONE || flushes[t].failed)
 				continue;
-			if (!ck_read_flush_step(b, f, errmsg))
-				return false;
-		}
-		active = 0;
-		for (int t = 0; t < ntags; t++)
-		{
-			CkFlush    *f = &flushes[t];
-
-			if (f->phase == CK_FLUSH_DONE || f->failed)
-				continue;
-			ck_append_flush_step(b, f);
+			if (!sent)
+				ck_append_flush_step(b, &flushes[t]);
 			active++;
 		}
+		if (active == 0)
+			return true;
+		for (int t = 0; t < ntags; t++)
+		{
+			if (flushes[t].phase == CK_FLUSH_DONE || flushes[t].failed)
+				continue;
+			if (!ck_read_flush_step(b, &flushes[t], errmsg))
+				return false;
+		}
+		sent = false;
 		CHECK_FOR_INTERRUPTS();
 	}
-	return true;
 }
 
 /*

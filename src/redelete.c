@@ -63,13 +63,6 @@ static const char *unless_written_script =
 "if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end\n"
 "return redis.call('UNLINK', KEYS[1])\n";
 
-/* a write-through entry of a batch, to sort by key */
-typedef struct CkWriteItem
-{
-	const char *key;
-	int			entry;
-} CkWriteItem;
-
 /*
  * Each target of the worker has its own pending second deletes, sent on its
  * own connection: pending and pending_bytes are the selected target's.
@@ -107,43 +100,34 @@ ck_copy_strings(char **dst, int *ndst, char **src, int n, Size *bytes)
 	}
 }
 
-/* Order write items by key, then by their place in the batch. */
-static int
-ck_write_item_cmp(const void *a, const void *b)
-{
-	const CkWriteItem *x = a;
-	const CkWriteItem *y = b;
-	int			c = strcmp(x->key, y->key);
-
-	if (c != 0)
-		return c;
-	return x->entry - y->entry;
-}
-
 /*
  * The batch's write-through entries, the last one per key only (the value
- * the key was left with); returns how many, in *items (palloc'd).
+ * the key was left with): returns how many keys, each with its entries in
+ * queue order in *groups (palloc'd; ck_group_items of deliver.c).
  */
 static int
-ck_last_writes(CkEntry *entries, int n, CkWriteItem **items)
+ck_last_writes(CkEntry *entries, int n, CkGroup **groups)
 {
-	CkWriteItem *all = palloc(sizeof(CkWriteItem) * Max(n, 1));
-	int			nall = 0;
-	int			nlast = 0;
+	CkItem	   *items = palloc(sizeof(CkItem) * Max(n, 1));
+	int			nitems = 0;
+	int			ngroups;
 
 	for (int i = 0; i < n; i++)
 		if (!entries[i].failed && entries[i].kind == CK_KIND_WRITE &&
 			entries[i].nkeys > 0 && entries[i].value != NULL)
-		{
-			all[nall].key = entries[i].keys[0];
-			all[nall++].entry = i;
-		}
-	qsort(all, nall, sizeof(CkWriteItem), ck_write_item_cmp);
-	for (int i = 0; i < nall; i++)
-		if (i + 1 == nall || strcmp(all[i].key, all[i + 1].key) != 0)
-			all[nlast++] = all[i];
-	*items = all;
-	return nlast;
+			items[nitems++] = (CkItem) {entries[i].keys[0], i};
+	ngroups = ck_group_items(items, nitems, groups);
+	pfree(items);
+	return ngroups;
+}
+
+/* Free what ck_last_writes returned. */
+static void
+ck_free_writes(CkGroup *groups, int n)
+{
+	for (int i = 0; i < n; i++)
+		pfree(groups[i].entries);
+	pfree(groups);
 }
 
 /* Remember the deletes and flushes of a delivered batch for a second time. */
@@ -152,7 +136,7 @@ ck_redelete_remember(CkEntry *entries, int n)
 {
 	MemoryContext old;
 	CkPending  *p;
-	CkWriteItem *writes;
+	CkGroup    *writes;
 	int			nwrites;
 	int			nkeys = 0;
 	int			ntags = 0;
@@ -172,7 +156,7 @@ ck_redelete_remember(CkEntry *entries, int n)
 	nwrites = ck_last_writes(entries, n, &writes);
 	if (nkeys + ntags + nwrites == 0)
 	{
-		pfree(writes);
+		ck_free_writes(writes, nwrites);
 		return;
 	}
 
@@ -189,9 +173,11 @@ ck_redelete_remember(CkEntry *entries, int n)
 	for (int i = 0; i < nwrites; i++)
 	{
 		int			nvalues = p->nwrites;
+		CkGroup    *g = &writes[i];
 
-		ck_copy_strings(p->wkeys, &p->nwrites, (char **) &writes[i].key, 1, &p->bytes);
-		ck_copy_strings(p->wvalues, &nvalues, &entries[writes[i].entry].value, 1, &p->bytes);
+		ck_copy_strings(p->wkeys, &p->nwrites, (char **) &g->str, 1, &p->bytes);
+		ck_copy_strings(p->wvalues, &nvalues,
+						&entries[g->entries[g->nentries - 1]].value, 1, &p->bytes);
 	}
 	for (int i = 0; i < n; i++)
 	{
@@ -202,7 +188,7 @@ ck_redelete_remember(CkEntry *entries, int n)
 			ck_copy_strings(p->tags, &p->ntags, entries[i].tags, entries[i].ntags, &p->bytes);
 	}
 	MemoryContextSwitchTo(old);
-	pfree(writes);
+	ck_free_writes(writes, nwrites);
 	p->due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ck_redelete_after);
 	dlist_push_tail(pending, &p->node);
 	pending_bytes += p->bytes;
