@@ -15,7 +15,10 @@
  * name (new members then go to a fresh set, which stays listed), and the
  * private set is drained in chunks by a script that pops members and
  * unlinks them in one step, so no member is ever popped but not deleted.
- * A flush interrupted by a failure resumes from the private set.
+ * A flush interrupted by a failure resumes from the private set. On one
+ * node, the flushes of a pipeline begin in one script call (a tag named in
+ * most batches costs Redis one script call per tag otherwise), which
+ * answers for each tag apart; a call refused as a whole is split.
  *
  * Redis Cluster (the topology routes each command by the key it names):
  * a multi-key command or script must stay in one slot, so plain deletes

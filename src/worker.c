@@ -15,6 +15,11 @@
  */
 #include "cachekit.h"
 
+#include <math.h>
+
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
@@ -32,6 +37,7 @@
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "storage/bufmgr.h"
 #include "storage/ipc.h"
 #include "storage/proc.h"
 #include "tcop/utility.h"
@@ -70,12 +76,17 @@
 #define CK_LINGER_MAX_MS 5
 /*
  * Small passes that come quickly after one another are load too: at one
- * and a half entries per millisecond or more (averaged over the last
- * passes), each commit would otherwise wake the worker for a pass of one
- * or two entries, and the writers pay a signal each. A light load (a few
- * hundred commits a second) stays below and is woken at once.
+ * and a half entries per millisecond or more, each commit would otherwise
+ * wake the worker for a pass of one or two entries, and the writers pay a
+ * signal each. The rate is measured over about CK_RATE_WINDOW_MS (each
+ * pass's entries, decayed with that time constant), not from one gap
+ * between passes: under a light load (a few hundred commits a second) two
+ * commits often come a fraction of a millisecond apart by chance, and a
+ * linger begun on that would hold the next commit's delivery back by a
+ * millisecond. A light load stays below and is woken at once.
  */
 #define CK_LINGER_MIN_RATE 1.5
+#define CK_RATE_WINDOW_MS 20.0
 
 /* the outcome of one pass */
 typedef enum CkPass
@@ -505,7 +516,6 @@ ck_find_schema(Oid *nspid)
 enum
 {
 	CK_PLAN_READ,
-	CK_PLAN_DELETE,
 	CK_PLAN_DELETE_IDS,
 	CK_PLAN_RETRY,
 	CK_PLAN_DEAD,
@@ -519,6 +529,7 @@ static SPIPlanPtr plans[CK_NPLANS];
 static TimestampTz last_sweep = 0;	/* see ck_sweep_unconfigured */
 static Oid	plans_ext = InvalidOid;	/* the extension they were made for */
 static Oid	plans_queue = InvalidOid;	/* and its queue table */
+static AttrNumber plans_id_att = InvalidAttrNumber;	/* its id column */
 
 /* Forget the kept plans (extension dropped, or an error). */
 static void
@@ -620,7 +631,6 @@ ck_make_plans(const char *schema, Oid queue)
 {
 	Oid			read_types[2] = {INT8OID, INT8OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
-	Oid			tid_types[2] = {TIDARRAYOID, INT8OID};
 	Oid			dead_types[3] = {INT8ARRAYOID, TEXTARRAYOID, TEXTOID};
 	bool		has_first = OidIsValid(queue) &&
 		get_attnum(queue, "first_refused_at") != InvalidAttrNumber;
@@ -634,17 +644,6 @@ ck_make_plans(const char *schema, Oid queue)
 				 has_first ? "first_refused_at" : "NULL::pg_catalog.timestamptz",
 				 has_targets ? "targets" : "NULL::pg_catalog.text[]",
 				 schema, CK_QUEUE_TABLE), 2, read_types);
-	/*
-	 * Delivered entries go by ctid, without an index lookup each. The ids
-	 * bound the delete: a row that took the place of a vanished entry since
-	 * the read (after a manual delete and a vacuum) was queued later and has
-	 * a higher id. A rewrite of the table (VACUUM FULL, CLUSTER, TRUNCATE)
-	 * moves rows: then ids are used instead.
-	 */
-	plans[CK_PLAN_DELETE] = ck_keep_plan(
-		psprintf("DELETE FROM %s.%s WHERE ctid OPERATOR(pg_catalog.=) ANY ($1) "
-				 "AND id OPERATOR(pg_catalog.<=) $2",
-				 schema, CK_QUEUE_TABLE), 2, tid_types);
 	plans[CK_PLAN_DELETE_IDS] = ck_keep_plan(
 		psprintf("DELETE FROM %s.%s WHERE id OPERATOR(pg_catalog.=) ANY ($1)",
 				 schema, CK_QUEUE_TABLE), 1, ids_types);
@@ -707,6 +706,10 @@ ck_prepare_plans(void)
 		ck_make_plans(schema, get_relname_relid(CK_QUEUE_TABLE, nspid));
 		plans_ext = ext;
 		plans_queue = get_relname_relid(CK_QUEUE_TABLE, nspid);
+		plans_id_att = get_attnum(plans_queue, "id");
+		if (plans_id_att == InvalidAttrNumber ||
+			get_atttype(plans_queue, plans_id_att) != INT8OID)
+			elog(ERROR, "cachekit queue table has no bigint column \"id\"");
 	}
 
 	/* lock first, then make sure it is still the same extension */
@@ -943,36 +946,58 @@ ck_queue_filenode(void)
 	return filenode;
 }
 
-/* Delete the delivered entries, by ctid while the table was not rewritten. */
+/*
+ * Delete one delivered entry where the worker read it, if the row there is
+ * still that entry (same id): after a manual delete and a vacuum, a later
+ * entry may have taken its place. A row deleted or updated meanwhile by
+ * someone else is left alone (an updated one is read and sent again).
+ */
+static void
+ck_delete_at(Relation rel, Snapshot snap, const CkEntry *e)
+{
+	HeapTupleData tuple;
+	Buffer		buffer;
+	bool		isnull;
+	int64		id;
+	TM_FailureData tmfd;
+
+	tuple.t_self = e->ctid;
+	if (!heap_fetch(rel, snap, &tuple, &buffer, false))
+		return;
+	id = DatumGetInt64(heap_getattr(&tuple, plans_id_att, RelationGetDescr(rel), &isnull));
+	ReleaseBuffer(buffer);
+	if (isnull || id != e->id)
+		return;
+	(void) heap_delete(rel, &tuple.t_self, GetCurrentCommandId(true), InvalidSnapshot,
+					   true, &tmfd, false);
+}
+
+/*
+ * Delete the delivered entries. While the table was not rewritten, each
+ * goes by the ctid it was read at, straight from the heap: no index lookup,
+ * and no executor, which would lock every row first for the queue's only
+ * row trigger (cachekit_replica_guard, which fires only in logical
+ * replication's apply worker). It is a plain WAL-logged heap delete, so
+ * replication, statistics and vacuum see what a DELETE would leave. After
+ * a rewrite (VACUUM FULL, CLUSTER) rows moved: then the ids are used.
+ */
 static void
 ck_delete_delivered(CkEntry *entries, int n, Datum ids, Oid read_filenode)
 {
-	Datum	   *tids = palloc(sizeof(Datum) * (n + 1));
-	int64		max_id = 0;
-	int			k = 0;
-	Datum		args[2];
-	int			rc;
+	Relation	rel;
+	Snapshot	snap = GetActiveSnapshot();
 
 	if (read_filenode != ck_queue_filenode())
 	{
 		ck_exec_ids(CK_PLAN_DELETE_IDS, ids, (Datum) 0, SPI_OK_DELETE);
 		return;
 	}
+	rel = table_open(plans_queue, RowExclusiveLock);
 	for (int i = 0; i < n; i++)
-	{
-		if (!ck_fate_is(&entries[i], CK_FATE_DELIVERED, 1))
-			continue;
-		tids[k++] = PointerGetDatum(&entries[i].ctid);
-		max_id = Max(max_id, entries[i].id);
-	}
-	if (k == 0)
-		return;
-	args[0] = PointerGetDatum(construct_array(tids, k, TIDOID, sizeof(ItemPointerData),
-											  false, TYPALIGN_SHORT));
-	args[1] = Int64GetDatum(max_id);
-	rc = SPI_execute_plan(plans[CK_PLAN_DELETE], args, NULL, false, 0);
-	if (rc != SPI_OK_DELETE)
-		elog(ERROR, "cachekit worker could not update its queue: %s", SPI_result_code_string(rc));
+		if (ck_fate_is(&entries[i], CK_FATE_DELIVERED, 1))
+			ck_delete_at(rel, snap, &entries[i]);
+	table_close(rel, NoLock);
+	CommandCounterIncrement();
 }
 
 /* Record the outcome of a delivered batch in the queue. */
@@ -1101,7 +1126,11 @@ ck_batch_load(CkEntry *entries, int n)
 	return load;
 }
 
-/* After a round: the current target's entry rate (a moving average), for the linger. */
+/*
+ * After a round: the current target's entry rate in entries per ms, for
+ * the linger: the passes' entries, each decayed with the time constant
+ * CK_RATE_WINDOW_MS since it was read.
+ */
 static void
 ck_note_rate(TimestampTz now)
 {
@@ -1110,7 +1139,8 @@ ck_note_rate(TimestampTz now)
 	if (cur->last_pass_end == 0 || ms > 100)
 		cur->entry_rate = 0;	/* idle in between: start over */
 	else
-		cur->entry_rate = 0.5 * cur->entry_rate + 0.5 * cur->last_pass_entries / Max(ms, 0.05);
+		cur->entry_rate *= exp(-ms / CK_RATE_WINDOW_MS);
+	cur->entry_rate += cur->last_pass_entries / CK_RATE_WINDOW_MS;
 	cur->last_pass_end = now;
 }
 
@@ -1350,8 +1380,14 @@ ck_maybe_shrink(void)
 	ck_vacuum_queue(plans_queue, true);
 }
 
-/* how often entries owed to targets that are not configured are looked for */
+/*
+ * How often entries owed to targets that are not configured are looked
+ * for: the look reads the whole queue (no index serves it), so while the
+ * worker drains a backlog (its passes read full batches) it looks less
+ * often. Those entries wait for cachekit.dead_letter_after anyway.
+ */
 #define CK_SWEEP_MS 10000
+#define CK_SWEEP_BACKLOG_MS 60000
 
 /*
  * Entries owed to a target that is not configured (named by a trigger or a
@@ -1362,14 +1398,16 @@ ck_maybe_shrink(void)
  * keep it. Looked for every CK_SWEEP_MS.
  */
 static void
-ck_sweep_unconfigured(void)
+ck_sweep_unconfigured(bool backlog)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	Datum	   *names;
 	Datum		args[2];
 	int			rc;
 
-	if (!TimestampDifferenceExceeds(last_sweep, now, CK_SWEEP_MS))
+	if (last_sweep == 0)
+		last_sweep = now - CK_SWEEP_MS * INT64CONST(1000);	/* due now, or later in a backlog */
+	if (!TimestampDifferenceExceeds(last_sweep, now, backlog ? CK_SWEEP_BACKLOG_MS : CK_SWEEP_MS))
 		return;
 	last_sweep = now;
 	names = palloc(sizeof(Datum) * ntargets);
@@ -1428,7 +1466,7 @@ ck_pass_guarded(MemoryContext batch_cxt, bool *drained)
 		result = ck_pass(batch_cxt, drained);
 		/* once per round: entries of targets that are not configured */
 		if (cur_index == 0)
-			ck_sweep_unconfigured();
+			ck_sweep_unconfigured(result == CK_PASS_MORE);
 		/* second deletes that are due (redelete.c), on the pass's connection */
 		if (result != CK_PASS_FAILED && ck_topology_usable(cur->topology) &&
 			!ck_redelete_run_due(cur->topology, &err))
