@@ -759,28 +759,29 @@ ck_copy_text(Datum d, Size *bytes)
 	return s;
 }
 
-/* Copy one row of the read into an entry; returns its size in bytes. */
+/* the columns of the read statement (CK_PLAN_READ), in its order */
+#define CK_READ_NCOLS 11
+
+/*
+ * Copy one row of the read into an entry (v and nulls: the row, deformed
+ * once); returns its size in bytes.
+ */
 static Size
-ck_copy_entry(HeapTuple tup, TupleDesc desc, CkEntry *e)
+ck_copy_entry(const Datum *v, const bool *nulls, CkEntry *e)
 {
 	Size		bytes = sizeof(CkEntry);
-	bool		isnull;
-	Datum		d;
 
-	e->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-	e->kind = DatumGetChar(SPI_getbinval(tup, desc, 2, &isnull));
-	e->nkeys = ck_copy_text_array(SPI_getbinval(tup, desc, 3, &isnull), &e->keys, &bytes);
-	e->ntags = ck_copy_text_array(SPI_getbinval(tup, desc, 4, &isnull), &e->tags, &bytes);
-	e->nuntags = ck_copy_text_array(SPI_getbinval(tup, desc, 5, &isnull), &e->untags, &bytes);
-	d = SPI_getbinval(tup, desc, 6, &isnull);
-	e->value = isnull ? NULL : ck_copy_text(d, &bytes);
-	e->ttl = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
-	e->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
-	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 9, &isnull)), &e->ctid);
-	d = SPI_getbinval(tup, desc, 10, &isnull);
-	e->first_refused_at = isnull ? 0 : DatumGetTimestampTz(d);
-	d = SPI_getbinval(tup, desc, 11, &isnull);
-	e->ntargets = isnull ? 0 : ck_copy_text_array(d, &e->targets, &bytes);
+	e->id = DatumGetInt64(v[0]);
+	e->kind = DatumGetChar(v[1]);
+	e->nkeys = ck_copy_text_array(v[2], &e->keys, &bytes);
+	e->ntags = ck_copy_text_array(v[3], &e->tags, &bytes);
+	e->nuntags = ck_copy_text_array(v[4], &e->untags, &bytes);
+	e->value = nulls[5] ? NULL : ck_copy_text(v[5], &bytes);
+	e->ttl = DatumGetInt32(v[6]);
+	e->attempts = DatumGetInt32(v[7]);
+	ItemPointerCopy((ItemPointer) DatumGetPointer(v[8]), &e->ctid);
+	e->first_refused_at = nulls[9] ? 0 : DatumGetTimestampTz(v[9]);
+	e->ntargets = nulls[10] ? 0 : ck_copy_text_array(v[10], &e->targets, &bytes);
 	return bytes;
 }
 
@@ -789,10 +790,8 @@ ck_copy_entry(HeapTuple tup, TupleDesc desc, CkEntry *e)
  * targets column is the default target alone.
  */
 static bool
-ck_owed_here(HeapTuple tup, TupleDesc desc)
+ck_owed_here(Datum targets_col, bool isnull)
 {
-	bool		isnull;
-	Datum		d = SPI_getbinval(tup, desc, 11, &isnull);
 	ArrayType  *arr;
 	Datum	   *elems;
 	bool	   *nulls;
@@ -801,7 +800,7 @@ ck_owed_here(HeapTuple tup, TupleDesc desc)
 
 	if (isnull)
 		return cur == &targets[0];
-	arr = DatumGetArrayTypeP(d);
+	arr = DatumGetArrayTypeP(targets_col);
 	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
 	for (int i = 0; i < n && !owed; i++)
 		owed = !nulls[i] && strcmp(TextDatumGetCString(elems[i]), cur->name) == 0;
@@ -843,21 +842,25 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 		SPI_cursor_fetch(portal, true, CK_FETCH_ROWS);
 		if (SPI_processed == 0)
 			break;
+		if (SPI_tuptable->tupdesc->natts != CK_READ_NCOLS)
+			elog(ERROR, "cachekit worker read %d columns, not %d",
+				 SPI_tuptable->tupdesc->natts, CK_READ_NCOLS);
 		for (uint64 i = 0; i < SPI_processed && n < ck_batch_size; i++)
 		{
 			MemoryContext old;
-			bool		isnull;
-			int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
-														 SPI_tuptable->tupdesc, 1, &isnull));
+			Datum		v[CK_READ_NCOLS];
+			bool		nulls[CK_READ_NCOLS];
+			int64		id;
 
+			heap_deform_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, v, nulls);
+			id = DatumGetInt64(v[0]);
 			fetched++;
 			*last_read = id;
 			/* entries this target does not owe, or that wait for their retry */
-			if (!ck_owed_here(SPI_tuptable->vals[i], SPI_tuptable->tupdesc) ||
-				ck_waiting_skips(id))
+			if (!ck_owed_here(v[10], nulls[10]) || ck_waiting_skips(id))
 				continue;
 			old = MemoryContextSwitchTo(batch_cxt);
-			bytes += ck_copy_entry(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &entries[n++]);
+			bytes += ck_copy_entry(v, nulls, &entries[n++]);
 			MemoryContextSwitchTo(old);
 			if (bytes >= (Size) ck_batch_bytes && n < ck_batch_size)
 			{
