@@ -17,7 +17,11 @@
 
 #include <math.h>
 
+#include "access/genam.h"
 #include "access/heapam.h"
+#include "access/nbtree.h"
+#include "access/relscan.h"
+#include "access/tableam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/xact.h"
@@ -31,7 +35,13 @@
 #include "storage/procarray.h"
 #include "utils/lsyscache.h"
 #include "utils/syscache.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_opfamily.h"
+#include "executor/tuptable.h"
+#include "utils/fmgroids.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -515,7 +525,6 @@ ck_find_schema(Oid *nspid)
 /* the worker's statements, prepared once per installed extension */
 enum
 {
-	CK_PLAN_READ,
 	CK_PLAN_DELETE_IDS,
 	CK_PLAN_RETRY,
 	CK_PLAN_DEAD,
@@ -529,7 +538,27 @@ static SPIPlanPtr plans[CK_NPLANS];
 static TimestampTz last_sweep = 0;	/* see ck_sweep_unconfigured */
 static Oid	plans_ext = InvalidOid;	/* the extension they were made for */
 static Oid	plans_queue = InvalidOid;	/* and its queue table */
-static AttrNumber plans_id_att = InvalidAttrNumber;	/* its id column */
+
+/* the queue's columns the worker reads, and where they are in it */
+enum
+{
+	CK_COL_ID,
+	CK_COL_KIND,
+	CK_COL_KEYS,
+	CK_COL_TAGS,
+	CK_COL_UNTAGS,
+	CK_COL_VALUE,
+	CK_COL_TTL,
+	CK_COL_ATTEMPTS,
+	CK_COL_FIRST_REFUSED,		/* optional: not in a queue of 0.1.0 */
+	CK_COL_TARGETS,				/* optional: not in a queue of 0.1.0 */
+	CK_NCOLS
+};
+static const char *const read_columns[CK_NCOLS] = {
+	"id", "kind", "keys", "tags", "untags", "value", "ttl", "attempts",
+	"first_refused_at", "targets"
+};
+static AttrNumber plans_cols[CK_NCOLS];
 
 /* Forget the kept plans (extension dropped, or an error). */
 static void
@@ -629,7 +658,6 @@ ck_make_target_plans(const char *schema)
 static void
 ck_make_plans(const char *schema, Oid queue)
 {
-	Oid			read_types[2] = {INT8OID, INT8OID};
 	Oid			ids_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	Oid			dead_types[3] = {INT8ARRAYOID, TEXTARRAYOID, TEXTOID};
 	bool		has_first = OidIsValid(queue) &&
@@ -637,13 +665,6 @@ ck_make_plans(const char *schema, Oid queue)
 	bool		has_targets = OidIsValid(queue) &&
 		get_attnum(queue, "targets") != InvalidAttrNumber;
 
-	plans[CK_PLAN_READ] = ck_keep_plan(
-		psprintf("SELECT id, kind, keys, tags, untags, value, ttl, attempts, ctid, %s, %s "
-				 "FROM %s.%s WHERE id OPERATOR(pg_catalog.>=) $1 "
-				 "ORDER BY id USING OPERATOR(pg_catalog.<) LIMIT $2",
-				 has_first ? "first_refused_at" : "NULL::pg_catalog.timestamptz",
-				 has_targets ? "targets" : "NULL::pg_catalog.text[]",
-				 schema, CK_QUEUE_TABLE), 2, read_types);
 	plans[CK_PLAN_DELETE_IDS] = ck_keep_plan(
 		psprintf("DELETE FROM %s.%s WHERE id OPERATOR(pg_catalog.=) ANY ($1)",
 				 schema, CK_QUEUE_TABLE), 1, ids_types);
@@ -706,10 +727,14 @@ ck_prepare_plans(void)
 		ck_make_plans(schema, get_relname_relid(CK_QUEUE_TABLE, nspid));
 		plans_ext = ext;
 		plans_queue = get_relname_relid(CK_QUEUE_TABLE, nspid);
-		plans_id_att = get_attnum(plans_queue, "id");
-		if (plans_id_att == InvalidAttrNumber ||
-			get_atttype(plans_queue, plans_id_att) != INT8OID)
-			elog(ERROR, "cachekit queue table has no bigint column \"id\"");
+		for (int c = 0; c < CK_NCOLS; c++)
+		{
+			plans_cols[c] = get_attnum(plans_queue, read_columns[c]);
+			if (plans_cols[c] == InvalidAttrNumber && c < CK_COL_FIRST_REFUSED)
+				elog(ERROR, "cachekit queue table has no column \"%s\"", read_columns[c]);
+		}
+		if (get_atttype(plans_queue, plans_cols[CK_COL_ID]) != INT8OID)
+			elog(ERROR, "cachekit queue column \"id\" is not a bigint");
 	}
 
 	/* lock first, then make sure it is still the same extension */
@@ -759,29 +784,41 @@ ck_copy_text(Datum d, Size *bytes)
 	return s;
 }
 
-/* the columns of the read statement (CK_PLAN_READ), in its order */
-#define CK_READ_NCOLS 11
+/* Column c of the read row in slot (null when the queue has no such column). */
+static Datum
+ck_col(TupleTableSlot *slot, int c, bool *isnull)
+{
+	if (plans_cols[c] == InvalidAttrNumber)
+	{
+		*isnull = true;
+		return (Datum) 0;
+	}
+	*isnull = slot->tts_isnull[plans_cols[c] - 1];
+	return slot->tts_values[plans_cols[c] - 1];
+}
 
-/*
- * Copy one row of the read into an entry (v and nulls: the row, deformed
- * once); returns its size in bytes.
- */
+/* Copy the queue row in slot (all its columns deformed) into an entry; returns its size. */
 static Size
-ck_copy_entry(const Datum *v, const bool *nulls, CkEntry *e)
+ck_copy_entry(TupleTableSlot *slot, CkEntry *e)
 {
 	Size		bytes = sizeof(CkEntry);
+	bool		isnull;
+	Datum		d;
 
-	e->id = DatumGetInt64(v[0]);
-	e->kind = DatumGetChar(v[1]);
-	e->nkeys = ck_copy_text_array(v[2], &e->keys, &bytes);
-	e->ntags = ck_copy_text_array(v[3], &e->tags, &bytes);
-	e->nuntags = ck_copy_text_array(v[4], &e->untags, &bytes);
-	e->value = nulls[5] ? NULL : ck_copy_text(v[5], &bytes);
-	e->ttl = DatumGetInt32(v[6]);
-	e->attempts = DatumGetInt32(v[7]);
-	ItemPointerCopy((ItemPointer) DatumGetPointer(v[8]), &e->ctid);
-	e->first_refused_at = nulls[9] ? 0 : DatumGetTimestampTz(v[9]);
-	e->ntargets = nulls[10] ? 0 : ck_copy_text_array(v[10], &e->targets, &bytes);
+	e->id = DatumGetInt64(ck_col(slot, CK_COL_ID, &isnull));
+	e->kind = DatumGetChar(ck_col(slot, CK_COL_KIND, &isnull));
+	e->nkeys = ck_copy_text_array(ck_col(slot, CK_COL_KEYS, &isnull), &e->keys, &bytes);
+	e->ntags = ck_copy_text_array(ck_col(slot, CK_COL_TAGS, &isnull), &e->tags, &bytes);
+	e->nuntags = ck_copy_text_array(ck_col(slot, CK_COL_UNTAGS, &isnull), &e->untags, &bytes);
+	d = ck_col(slot, CK_COL_VALUE, &isnull);
+	e->value = isnull ? NULL : ck_copy_text(d, &bytes);
+	e->ttl = DatumGetInt32(ck_col(slot, CK_COL_TTL, &isnull));
+	e->attempts = DatumGetInt32(ck_col(slot, CK_COL_ATTEMPTS, &isnull));
+	ItemPointerCopy(&slot->tts_tid, &e->ctid);
+	d = ck_col(slot, CK_COL_FIRST_REFUSED, &isnull);
+	e->first_refused_at = isnull ? 0 : DatumGetTimestampTz(d);
+	d = ck_col(slot, CK_COL_TARGETS, &isnull);
+	e->ntargets = isnull ? 0 : ck_copy_text_array(d, &e->targets, &bytes);
 	return bytes;
 }
 
@@ -807,71 +844,95 @@ ck_owed_here(Datum targets_col, bool isnull)
 	return owed;
 }
 
-/* rows fetched from the read cursor at a time (values stay toasted until copied) */
-#define CK_FETCH_ROWS 64
+/*
+ * Open the queue's primary key, the btree on id the worker reads by; an
+ * error if it is not (there, or on something else than id alone).
+ */
+static Relation
+ck_open_id_index(Relation rel)
+{
+	Oid			pk = RelationGetPrimaryKeyIndex(rel);
+	Relation	idx;
+
+	if (!OidIsValid(pk))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cachekit queue table has no primary key"),
+				 errhint("Recreate the extension with DROP EXTENSION cachekit; CREATE EXTENSION cachekit;")));
+	idx = index_open(pk, AccessShareLock);
+	if (idx->rd_rel->relam != BTREE_AM_OID || idx->rd_index->indnatts != 1 ||
+		idx->rd_index->indkey.values[0] != plans_cols[CK_COL_ID] ||
+		idx->rd_opfamily[0] != INTEGER_BTREE_FAM_OID)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cachekit queue table's primary key is not a btree on \"id\""),
+				 errhint("Recreate the extension with DROP EXTENSION cachekit; CREATE EXTENSION cachekit;")));
+	return idx;
+}
 
 /*
  * Read entries in id order into batch_cxt, skipping those waiting for
- * their retry: up to cachekit.batch_size of
- * them, and no more once cachekit.batch_bytes are read (at least one). The
- * rows come through a cursor a few at a time and each value is detoasted
- * only when copied, so that a batch of large write-through values costs
- * its byte budget, not the sum of its values. *full says whether the read
- * stopped at a limit (there may be more).
+ * their retry: up to cachekit.batch_size of them, and no more once
+ * cachekit.batch_bytes are read (at least one). The read walks the id
+ * index straight (no SQL: no plan that could turn into a sort of the whole
+ * queue, no copy of each row for a result set), with the pass's snapshot;
+ * each value is detoasted only when copied, so that a batch of large
+ * write-through values costs its byte budget, not the sum of its values.
+ * *full says whether the read stopped at a limit (there may be more).
  */
 static int
 ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 *last_read)
 {
 	int64		fetched = 0;
 	int64		limit = (int64) ck_batch_size + ck_waiting_nskipped();
-	Datum		args[2];
-	Portal		portal;
+	Relation	rel = table_open(plans_queue, AccessShareLock);
+	Relation	idx = ck_open_id_index(rel);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	IndexScanDesc scan;
+	ScanKeyData key;
 	CkEntry    *entries;
 	int			n = 0;
 	Size		bytes = 0;
 
-	args[0] = Int64GetDatum(cur->read_floor);
 	/* entries waiting for their retry are skipped (waiting.c) */
-	args[1] = Int64GetDatum(limit);
+	ScanKeyInit(&key, 1, BTGreaterEqualStrategyNumber, F_INT8GE,
+				Int64GetDatum(cur->read_floor));
+	scan = index_beginscan(rel, idx, GetActiveSnapshot(), 1, 0);
+	index_rescan(scan, &key, 1, NULL, 0);
 	*last_read = 0;
-	portal = SPI_cursor_open(NULL, plans[CK_PLAN_READ], args, NULL, true);
 	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
 	*full = false;
-	while (n < ck_batch_size && !*full)
+	while (n < ck_batch_size && fetched < limit &&
+		   index_getnext_slot(scan, ForwardScanDirection, slot))
 	{
-		SPI_cursor_fetch(portal, true, CK_FETCH_ROWS);
-		if (SPI_processed == 0)
-			break;
-		if (SPI_tuptable->tupdesc->natts != CK_READ_NCOLS)
-			elog(ERROR, "cachekit worker read %d columns, not %d",
-				 SPI_tuptable->tupdesc->natts, CK_READ_NCOLS);
-		for (uint64 i = 0; i < SPI_processed && n < ck_batch_size; i++)
-		{
-			MemoryContext old;
-			Datum		v[CK_READ_NCOLS];
-			bool		nulls[CK_READ_NCOLS];
-			int64		id;
+		MemoryContext old;
+		bool		isnull;
+		Datum		targets_col;
+		int64		id;
 
-			heap_deform_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, v, nulls);
-			id = DatumGetInt64(v[0]);
-			fetched++;
-			*last_read = id;
-			/* entries this target does not owe, or that wait for their retry */
-			if (!ck_owed_here(v[10], nulls[10]) || ck_waiting_skips(id))
-				continue;
-			old = MemoryContextSwitchTo(batch_cxt);
-			bytes += ck_copy_entry(v, nulls, &entries[n++]);
-			MemoryContextSwitchTo(old);
-			if (bytes >= (Size) ck_batch_bytes && n < ck_batch_size)
-			{
-				/* over the budget: the rest of this fetch waits for the next batch */
-				*full = true;
-				break;
-			}
+		slot_getallattrs(slot);
+		id = DatumGetInt64(ck_col(slot, CK_COL_ID, &isnull));
+		fetched++;
+		*last_read = id;
+		/* entries this target does not owe, or that wait for their retry */
+		targets_col = ck_col(slot, CK_COL_TARGETS, &isnull);
+		if (!ck_owed_here(targets_col, isnull) || ck_waiting_skips(id))
+			continue;
+		old = MemoryContextSwitchTo(batch_cxt);
+		bytes += ck_copy_entry(slot, &entries[n++]);
+		MemoryContextSwitchTo(old);
+		if (bytes >= (Size) ck_batch_bytes && n < ck_batch_size)
+		{
+			/* over the budget: the rest waits for the next batch */
+			*full = true;
+			break;
 		}
-		SPI_freetuptable(SPI_tuptable);
+		CHECK_FOR_INTERRUPTS();
 	}
-	SPI_cursor_close(portal);
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(idx, NoLock);
+	table_close(rel, NoLock);
 	if (n >= ck_batch_size || fetched >= limit)
 		*full = true;
 	*entries_out = entries;
@@ -967,7 +1028,7 @@ ck_delete_at(Relation rel, Snapshot snap, const CkEntry *e)
 	tuple.t_self = e->ctid;
 	if (!heap_fetch(rel, snap, &tuple, &buffer, false))
 		return;
-	id = DatumGetInt64(heap_getattr(&tuple, plans_id_att, RelationGetDescr(rel), &isnull));
+	id = DatumGetInt64(heap_getattr(&tuple, plans_cols[CK_COL_ID], RelationGetDescr(rel), &isnull));
 	ReleaseBuffer(buffer);
 	if (isnull || id != e->id)
 		return;
