@@ -558,7 +558,7 @@ static const char *const read_columns[CK_NCOLS] = {
 	"id", "kind", "keys", "tags", "untags", "value", "ttl", "attempts",
 	"first_refused_at", "targets"
 };
-static AttrNumber plans_cols[CK_NCOLS];
+static AttrNumber plans_cols[CK_NCOLS];	/* see ck_queue_columns */
 
 /* Forget the kept plans (extension dropped, or an error). */
 static void
@@ -727,14 +727,6 @@ ck_prepare_plans(void)
 		ck_make_plans(schema, get_relname_relid(CK_QUEUE_TABLE, nspid));
 		plans_ext = ext;
 		plans_queue = get_relname_relid(CK_QUEUE_TABLE, nspid);
-		for (int c = 0; c < CK_NCOLS; c++)
-		{
-			plans_cols[c] = get_attnum(plans_queue, read_columns[c]);
-			if (plans_cols[c] == InvalidAttrNumber && c < CK_COL_FIRST_REFUSED)
-				elog(ERROR, "cachekit queue table has no column \"%s\"", read_columns[c]);
-		}
-		if (get_atttype(plans_queue, plans_cols[CK_COL_ID]) != INT8OID)
-			elog(ERROR, "cachekit queue column \"id\" is not a bigint");
 	}
 
 	/* lock first, then make sure it is still the same extension */
@@ -782,6 +774,30 @@ ck_copy_text(Datum d, Size *bytes)
 		pfree(t);
 	*bytes += strlen(s) + 1;
 	return s;
+}
+
+/*
+ * Find the queue's columns in its descriptor, as it is now (under the
+ * worker's lock: an ALTER EXTENSION UPDATE between passes may have added
+ * some). An error if a column every version has is missing.
+ */
+static void
+ck_queue_columns(Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	for (int c = 0; c < CK_NCOLS; c++)
+	{
+		plans_cols[c] = InvalidAttrNumber;
+		for (int a = 0; a < desc->natts; a++)
+			if (!TupleDescAttr(desc, a)->attisdropped &&
+				strcmp(NameStr(TupleDescAttr(desc, a)->attname), read_columns[c]) == 0)
+				plans_cols[c] = a + 1;
+		if (plans_cols[c] == InvalidAttrNumber && c < CK_COL_FIRST_REFUSED)
+			elog(ERROR, "cachekit queue table has no column \"%s\"", read_columns[c]);
+	}
+	if (TupleDescAttr(desc, plans_cols[CK_COL_ID] - 1)->atttypid != INT8OID)
+		elog(ERROR, "cachekit queue column \"id\" is not a bigint");
 }
 
 /* Column c of the read row in slot (null when the queue has no such column). */
@@ -886,7 +902,7 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 	int64		fetched = 0;
 	int64		limit = (int64) ck_batch_size + ck_waiting_nskipped();
 	Relation	rel = table_open(plans_queue, AccessShareLock);
-	Relation	idx = ck_open_id_index(rel);
+	Relation	idx;
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	IndexScanDesc scan;
 	ScanKeyData key;
@@ -894,6 +910,8 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 	int			n = 0;
 	Size		bytes = 0;
 
+	ck_queue_columns(rel);
+	idx = ck_open_id_index(rel);
 	/* entries waiting for their retry are skipped (waiting.c) */
 	ScanKeyInit(&key, 1, BTGreaterEqualStrategyNumber, F_INT8GE,
 				Int64GetDatum(cur->read_floor));
@@ -1057,6 +1075,7 @@ ck_delete_delivered(CkEntry *entries, int n, Datum ids, Oid read_filenode)
 		return;
 	}
 	rel = table_open(plans_queue, RowExclusiveLock);
+	ck_queue_columns(rel);
 	for (int i = 0; i < n; i++)
 		if (ck_fate_is(&entries[i], CK_FATE_DELIVERED, 1))
 			ck_delete_at(rel, snap, &entries[i]);
