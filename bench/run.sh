@@ -28,7 +28,8 @@
 #                     entries_delivered, polled every 2 ms in the server) or
 #                     cachekit_wait (one call of it) [counter]
 #   DRAIN_ANALYZE=1   ANALYZE the queue once the backlog is built (diagnostic:
-#                     gives the worker plans made for a long queue)
+#                     the worker's settle statements are planned for a long
+#                     queue; its read walks the id index and has no plan)
 #   IDLE_SECONDS      idle window [10 / 3]
 #   SUSTAIN_SECONDS   sustained-load run [300 / 12]
 #   SUSTAIN_PROGRESS  pgbench -P interval of it [10 / 1]
