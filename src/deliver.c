@@ -908,6 +908,19 @@ ck_start_flushes(CkBatch *b, int s, int *nflushes)
 	return flushes;
 }
 
+/* A step's outcome for a flush: a refusal fails it (its entries too), else it moves on. */
+static void
+ck_flush_outcome(CkBatch *b, CkFlush *f, const CkReply *reply)
+{
+	if (reply->status != CK_REPLY_OK)
+	{
+		ck_fail_group(b->entries, f->group, reply);
+		f->failed = true;
+	}
+	else
+		ck_advance_flush(b, f, reply);
+}
+
 /*
  * One tag's outcome in a flush_begin reply: element i as an integer reply,
  * or as the error that refused the tag.
@@ -960,13 +973,7 @@ ck_read_begins(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
 			ck_begin_element(&reply, f->begin_elem, &one);
 		else
 			one = reply;
-		if (one.status != CK_REPLY_OK)
-		{
-			ck_fail_group(b->entries, f->group, &one);
-			f->failed = true;
-		}
-		else
-			ck_advance_flush(b, f, &one);
+		ck_flush_outcome(b, f, &one);
 	}
 	return true;
 }
@@ -993,15 +1000,9 @@ ck_read_flush_step(CkBatch *b, CkFlush *f, char **errmsg)
 	}
 	if (f->phase == CK_FLUSH_BEGIN && first.status == CK_REPLY_OK)
 		ck_begin_element(&reply, 0, &first);
-	if (first.status != CK_REPLY_OK)
-	{
-		ck_fail_group(b->entries, f->group, &first);
-		f->failed = true;
-		if (f->phase == CK_FLUSH_DELETE)
-			return ck_remove_deleted(b, f, ok, errmsg);
-	}
-	else
-		ck_advance_flush(b, f, &first);
+	ck_flush_outcome(b, f, &first);
+	if (f->failed && f->phase == CK_FLUSH_DELETE)
+		return ck_remove_deleted(b, f, ok, errmsg);
 	return true;
 }
 

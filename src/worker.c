@@ -19,43 +19,43 @@
 
 #include "access/genam.h"
 #include "access/heapam.h"
+#include "access/htup_details.h"
 #include "access/nbtree.h"
 #include "access/relscan.h"
-#include "access/tableam.h"
-#include "access/htup_details.h"
 #include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/pg_am.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_opfamily.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "commands/vacuum.h"
-#include "nodes/makefuncs.h"
-#include "storage/lmgr.h"
-#include "storage/lock.h"
-#include "storage/procarray.h"
-#include "utils/lsyscache.h"
-#include "utils/syscache.h"
-#include "catalog/pg_am.h"
-#include "catalog/pg_class.h"
-#include "catalog/pg_opfamily.h"
-#include "executor/tuptable.h"
-#include "utils/fmgroids.h"
-#include "utils/rel.h"
-#include "utils/relcache.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "miscadmin.h"
+#include "nodes/makefuncs.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/bufmgr.h"
 #include "storage/ipc.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
 #include "storage/proc.h"
+#include "storage/procarray.h"
 #include "tcop/utility.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/wait_event.h"
 
 /*
@@ -558,7 +558,7 @@ static const char *const read_columns[CK_NCOLS] = {
 	"id", "kind", "keys", "tags", "untags", "value", "ttl", "attempts",
 	"first_refused_at", "targets"
 };
-static AttrNumber plans_cols[CK_NCOLS];	/* see ck_queue_columns */
+static AttrNumber queue_cols[CK_NCOLS];	/* see ck_queue_columns */
 
 /* Forget the kept plans (extension dropped, or an error). */
 static void
@@ -788,15 +788,15 @@ ck_queue_columns(Relation rel)
 
 	for (int c = 0; c < CK_NCOLS; c++)
 	{
-		plans_cols[c] = InvalidAttrNumber;
+		queue_cols[c] = InvalidAttrNumber;
 		for (int a = 0; a < desc->natts; a++)
 			if (!TupleDescAttr(desc, a)->attisdropped &&
 				strcmp(NameStr(TupleDescAttr(desc, a)->attname), read_columns[c]) == 0)
-				plans_cols[c] = a + 1;
-		if (plans_cols[c] == InvalidAttrNumber && c < CK_COL_FIRST_REFUSED)
+				queue_cols[c] = a + 1;
+		if (queue_cols[c] == InvalidAttrNumber && c < CK_COL_FIRST_REFUSED)
 			elog(ERROR, "cachekit queue table has no column \"%s\"", read_columns[c]);
 	}
-	if (TupleDescAttr(desc, plans_cols[CK_COL_ID] - 1)->atttypid != INT8OID)
+	if (TupleDescAttr(desc, queue_cols[CK_COL_ID] - 1)->atttypid != INT8OID)
 		elog(ERROR, "cachekit queue column \"id\" is not a bigint");
 }
 
@@ -804,13 +804,13 @@ ck_queue_columns(Relation rel)
 static Datum
 ck_col(TupleTableSlot *slot, int c, bool *isnull)
 {
-	if (plans_cols[c] == InvalidAttrNumber)
+	if (queue_cols[c] == InvalidAttrNumber)
 	{
 		*isnull = true;
 		return (Datum) 0;
 	}
-	*isnull = slot->tts_isnull[plans_cols[c] - 1];
-	return slot->tts_values[plans_cols[c] - 1];
+	*isnull = slot->tts_isnull[queue_cols[c] - 1];
+	return slot->tts_values[queue_cols[c] - 1];
 }
 
 /* Copy the queue row in slot (all its columns deformed) into an entry; returns its size. */
@@ -877,7 +877,7 @@ ck_open_id_index(Relation rel)
 				 errhint("Recreate the extension with DROP EXTENSION cachekit; CREATE EXTENSION cachekit;")));
 	idx = index_open(pk, AccessShareLock);
 	if (idx->rd_rel->relam != BTREE_AM_OID || idx->rd_index->indnatts != 1 ||
-		idx->rd_index->indkey.values[0] != plans_cols[CK_COL_ID] ||
+		idx->rd_index->indkey.values[0] != queue_cols[CK_COL_ID] ||
 		idx->rd_opfamily[0] != INTEGER_BTREE_FAM_OID)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -1046,7 +1046,7 @@ ck_delete_at(Relation rel, Snapshot snap, const CkEntry *e)
 	tuple.t_self = e->ctid;
 	if (!heap_fetch(rel, snap, &tuple, &buffer, false))
 		return;
-	id = DatumGetInt64(heap_getattr(&tuple, plans_cols[CK_COL_ID], RelationGetDescr(rel), &isnull));
+	id = DatumGetInt64(heap_getattr(&tuple, queue_cols[CK_COL_ID], RelationGetDescr(rel), &isnull));
 	ReleaseBuffer(buffer);
 	if (isnull || id != e->id)
 		return;
@@ -1975,8 +1975,8 @@ cachekit_worker_main(Datum arg)
 			ck_check_url_setting();
 			/*
 			 * settings may have changed the URLs, the targets, the TLS files
-			 * or the timeouts: reconnect now, to the URLs as they are now;
-			 * and the batch size, which the read statement holds
+			 * or the timeouts: reconnect now, to the URLs as they are now,
+			 * and start the targets' bookkeeping afresh
 			 */
 			ck_free_plans();
 			ck_load_targets();
