@@ -2,7 +2,7 @@
 # item 9):
 #
 #  - a batch is bounded in bytes (cachekit.batch_bytes): 150 write-through
-#    values of 400 kB are read through a cursor and delivered in batches of
+#    values of 400 kB are read a row at a time and delivered in batches of
 #    a few MB, so the worker's peak memory does not grow by their sum;
 #  - over a long Redis outage the worker's memory stays flat: many failed
 #    cycles (small cachekit.retry_max_delay) of each kind -- nothing
