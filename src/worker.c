@@ -702,11 +702,11 @@ ck_make_plans(const char *schema, Oid queue)
  *
  * Taking the lock processes the catalog invalidations that came before it.
  * If there were none since the last check (SharedInvalidMessageCounter has
- * not moved, as in RangeVarGetRelidExtended), no catalog row changed in
- * between and the check (an index scan of pg_extension: 12% of the
- * worker's CPU under light load) is not repeated. A DROP EXTENSION sends
- * invalidations (its queue's pg_class row goes), so it always moves the
- * counter; test 040 fails without this guard.
+ * not moved, as in RangeVarGetRelidExtended), the check (an index scan of
+ * pg_extension: 12% of the worker's CPU under light load) is not repeated:
+ * the extension cannot have been dropped and created again meanwhile, as
+ * that drops and creates the queue, whose pg_class rows send invalidations.
+ * Test 040 fails without this guard.
  */
 static bool
 ck_prepare_plans(void)
