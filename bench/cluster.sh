@@ -13,7 +13,7 @@
 #   drain    a backlog of DRAIN_ENTRIES cachekit_delete entries built while
 #            the worker points at a dead port (the keys exist in Redis),
 #            then the time until it is delivered (keys/s)
-#   latency  COMMIT -> key gone, LAT_SAMPLES samples (bench/node/latency.js:
+#   latency  COMMIT -> key gone, LAT_SAMPLES samples (bench/latency.c:
 #            keyspace notification of the deletion, heard on every primary)
 # and prints the median of the per-round cluster/single ratios with their
 # min-max. Output also goes to bench/cluster-last-run.txt.
@@ -44,6 +44,7 @@ BENCH_ROWS=${BENCH_ROWS:-100000}
 # shellcheck source=bench/lib.sh
 source "$BENCH_DIR/lib.sh"
 bench_init cluster
+latency_probe_build
 
 # ---- Redis: one node, and a cluster ----------------------------------------------------
 REDIS_PIDS=()
@@ -139,7 +140,7 @@ latency() {    # name url
     set_trigger on
     runuser -u postgres -- env PGHOST="$WORK" PGPORT="$PG_PORT" PGUSER=postgres PGDATABASE=postgres \
         "${target[@]}" SAMPLES="$LAT_SAMPLES" ID_FIRST=$((BENCH_ROWS - 999)) ID_LAST="$BENCH_ROWS" \
-        node "$NODE_DIR/latency.js" >"$out" 2>&1 || { cat "$out" >&2; die "latency.js failed"; }
+        "$WORK/latency" >"$out" 2>&1 || { cat "$out" >&2; die "the latency probe failed"; }
     res "p50.$1" "$(sed -n 's/^p50_ms=//p' "$out")"
     res "p99.$1" "$(sed -n 's/^p99_ms=//p' "$out")"
     say "    COMMIT -> key gone over $1: p50 $(sed -n 's/^p50_ms=//p' "$out") ms, p99 $(sed -n 's/^p99_ms=//p' "$out") ms"

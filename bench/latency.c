@@ -2,26 +2,33 @@
  * bench/latency.c: COMMIT-to-key-gone latency of a cachekit trigger.
  *
  * For each sample: SET user:<id> in Redis, send an autocommit UPDATE of that
- * row (its reply is the COMMIT returning), then wait in poll() on two
+ * row (its reply is the COMMIT returning), then wait in poll() on the
  * sockets at once: PostgreSQL's, and a Redis connection subscribed to the
  * keyspace channel of user:* (event "del"). Each side is timed when poll()
  * reports its socket readable, before anything is parsed, on one monotonic
  * clock: the sample is (del readable) - (COMMIT reply readable). A negative
  * sample means the worker's delete reached us first. Nothing else runs in
- * this process, so the two times carry no event-loop noise (the Node client,
- * bench/node/latency.js, can take one callback milliseconds before the
- * other).
+ * this process, so the two times carry no event-loop noise (the Node client
+ * it replaces could take one callback milliseconds before the other).
+ *
+ * Against a Redis Cluster (REDIS_CLUSTER_PORTS) it subscribes on every node
+ * given (a keyspace event is published on the node that owns the key) and
+ * sets each key on its owner, following MOVED.
  *
  * Prints key=value lines (milliseconds) on stdout; RAW_FILE, if set, gets
- * every sample in microseconds, one per line.
+ * every sample in microseconds, one per line. notify-keyspace-events is
+ * set on each node for the run and given back its old value at the end,
+ * also when the probe fails or gets SIGINT or SIGTERM.
  *
- * Environment: PGHOST PGPORT PGUSER PGDATABASE (read by libpq), REDIS_PORT,
- * SAMPLES (1000), WARMUP (20), ID_FIRST, ID_LAST (ids to update: a range
- * the background load leaves alone), MAX_GAP_MS (5: random pause between
+ * Environment: PGHOST PGPORT PGUSER PGDATABASE (read by libpq), REDIS_PORT
+ * or REDIS_CLUSTER_PORTS (a comma list of the primaries' ports), SAMPLES
+ * (1000), WARMUP (20), ID_FIRST, ID_LAST (ids to update: a range the
+ * background load leaves alone), MAX_GAP_MS (5: random pause between
  * samples), TIMEOUT_MS (2000), RAW_FILE.
  */
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +39,20 @@
 #include <libpq-fe.h>
 
 #define CHANNEL_PREFIX "__keyspace@0__:"
+#define MAX_NODES 16
+
+/* one Redis node: a connection for commands, one subscribed to its events */
+typedef struct Node
+{
+	int			port;
+	redisContext *cmd;
+	redisContext *sub;
+	char	   *old_flags;		/* notify-keyspace-events before the run */
+} Node;
+
+static Node nodes[MAX_NODES];
+static int	nnodes = 0;
+static volatile sig_atomic_t stop = 0;
 
 /* An integer from the environment, or a default. */
 static long
@@ -50,6 +71,35 @@ now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (long long) ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Give every node its notify-keyspace-events back (at exit, by atexit). */
+static void
+restore_flags(void)
+{
+	for (int i = 0; i < nnodes; i++)
+	{
+		redisReply *r;
+
+		if (nodes[i].old_flags == NULL || nodes[i].cmd == NULL || nodes[i].cmd->err)
+			continue;
+		r = redisCommand(nodes[i].cmd, "CONFIG SET notify-keyspace-events %s", nodes[i].old_flags);
+		if (r == NULL || r->type == REDIS_REPLY_ERROR)
+			fprintf(stderr, "latency: could not restore notify-keyspace-events on port %d\n",
+					nodes[i].port);
+		if (r)
+			freeReplyObject(r);
+		free(nodes[i].old_flags);
+		nodes[i].old_flags = NULL;
+	}
+}
+
+/* SIGINT, SIGTERM: stop after the current sample (the flags are restored). */
+static void
+on_signal(int sig)
+{
+	(void) sig;
+	stop = 1;
 }
 
 /* Print a message and leave. */
@@ -129,13 +179,50 @@ read_reply(PGconn *pg)
 	return 0;
 }
 
+/* The node listening on a port (a MOVED names one of them). */
+static Node *
+node_of_port(int port)
+{
+	for (int i = 0; i < nnodes; i++)
+		if (nodes[i].port == port)
+			return &nodes[i];
+	die("a MOVED names a port not in REDIS_CLUSTER_PORTS", NULL);
+	return NULL;
+}
+
+/* SET key on the node that owns it, following MOVED. */
+static void
+set_key(const char *key)
+{
+	Node	   *n = &nodes[0];
+
+	for (int tries = 0; tries <= nnodes; tries++)
+	{
+		redisReply *r = redisCommand(n->cmd, "SET %s cached", key);
+
+		if (r == NULL)
+			die("SET", n->cmd->errstr);
+		if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "MOVED ", 6) == 0)
+		{
+			const char *colon = strrchr(r->str, ':');
+
+			n = node_of_port(colon ? atoi(colon + 1) : 0);
+			freeReplyObject(r);
+			continue;
+		}
+		freeReplyObject(must(n->cmd, r, "SET"));
+		return;
+	}
+	die("SET", "redirected too often");
+}
+
 /*
- * One sample: *commit_ns and *gone_ns get when each socket turned readable
- * (gone_ns -1 on timeout).
+ * One sample: *send_ns, *commit_ns and *gone_ns get when the UPDATE was
+ * sent and when each socket turned readable (gone_ns -1 on timeout).
  */
 static void
-one_sample(PGconn *pg, redisContext *sub, redisContext *cmd, int id, long timeout_ms,
-		   long long *commit_ns, long long *gone_ns)
+one_sample(PGconn *pg, int id, long timeout_ms, long long *send_ns, long long *commit_ns,
+		   long long *gone_ns)
 {
 	char		key[64];
 	char		idtext[16];
@@ -145,20 +232,24 @@ one_sample(PGconn *pg, redisContext *sub, redisContext *cmd, int id, long timeou
 
 	snprintf(key, sizeof(key), "user:%d", id);
 	snprintf(idtext, sizeof(idtext), "%d", id);
-	freeReplyObject(must(cmd, redisCommand(cmd, "SET %s cached", key), "SET"));
+	set_key(key);
 	*commit_ns = *gone_ns = -1;
+	*send_ns = now_ns();
 	if (!PQsendQueryPrepared(pg, "lat_update", 1, params, NULL, NULL, 0))
 		die("sending the UPDATE", PQerrorMessage(pg));
 	deadline = now_ns() + timeout_ms * 1000000LL;
 	while (!replied || *gone_ns < 0)
 	{
-		struct pollfd fds[2] = {{PQsocket(pg), POLLIN, 0}, {sub->fd, POLLIN, 0}};
+		struct pollfd fds[MAX_NODES + 1];
 		long long	t;
 		int			n;
 
-		if (replied && now_ns() > deadline)
+		fds[0] = (struct pollfd) {PQsocket(pg), POLLIN, 0};
+		for (int i = 0; i < nnodes; i++)
+			fds[i + 1] = (struct pollfd) {nodes[i].sub->fd, POLLIN, 0};
+		if (replied && (now_ns() > deadline || stop))
 			return;				/* timeout: the del never came */
-		n = poll(fds, 2, 50);
+		n = poll(fds, nnodes + 1, 50);
 		t = now_ns();
 		if (n < 0 && errno != EINTR)
 			die("poll", strerror(errno));
@@ -169,9 +260,61 @@ one_sample(PGconn *pg, redisContext *sub, redisContext *cmd, int id, long timeou
 			replied = 1;
 			*commit_ns = t;
 		}
-		if ((fds[1].revents & POLLIN) && read_events(sub, key) && *gone_ns < 0)
-			*gone_ns = t;
+		for (int i = 0; i < nnodes; i++)
+			if ((fds[i + 1].revents & POLLIN) && read_events(nodes[i].sub, key) && *gone_ns < 0)
+				*gone_ns = t;
 	}
+}
+
+/* Connect to a node, turn its keyspace events on and subscribe to user:*. */
+static void
+node_open(int port)
+{
+	Node	   *n = &nodes[nnodes];
+	redisReply *flags;
+
+	if (nnodes == MAX_NODES)
+		die("too many Redis ports", NULL);
+	n->port = port;
+	n->cmd = redisConnect("127.0.0.1", port);
+	n->sub = redisConnect("127.0.0.1", port);
+	if (n->cmd == NULL || n->cmd->err || n->sub == NULL || n->sub->err)
+		die("connecting to Redis", n->cmd && n->cmd->err ? n->cmd->errstr : n->sub ? n->sub->errstr : NULL);
+	nnodes++;
+	flags = must(n->cmd, redisCommand(n->cmd, "CONFIG GET notify-keyspace-events"), "CONFIG GET");
+	n->old_flags = strdup(flags->elements == 2 ? flags->element[1]->str : "");
+	freeReplyObject(flags);
+	/* K: keyspace channel, g: generic commands (DEL, UNLINK, ...) */
+	freeReplyObject(must(n->cmd, redisCommand(n->cmd, "CONFIG SET notify-keyspace-events Kg"),
+						 "CONFIG SET"));
+	freeReplyObject(must(n->sub, redisCommand(n->sub, "PSUBSCRIBE " CHANNEL_PREFIX "user:*"),
+						 "PSUBSCRIBE"));
+}
+
+/* The nodes named by REDIS_CLUSTER_PORTS (a comma list) or REDIS_PORT. */
+static void
+nodes_open(void)
+{
+	const char *list = getenv("REDIS_CLUSTER_PORTS");
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;	/* no SA_RESTART: poll() returns EINTR */
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	atexit(restore_flags);
+	if (list && *list)
+	{
+		char	   *copy = strdup(list);
+
+		for (char *tok = strtok(copy, ","); tok; tok = strtok(NULL, ","))
+			node_open(atoi(tok));
+		free(copy);
+	}
+	else if (env_long("REDIS_PORT", 0) > 0)
+		node_open((int) env_long("REDIS_PORT", 0));
+	if (nnodes == 0)
+		die("REDIS_PORT or REDIS_CLUSTER_PORTS must be set", NULL);
 }
 
 /* Ascending order of long long. */
@@ -206,7 +349,6 @@ main(void)
 	long		last = env_long("ID_LAST", 100000);
 	long		gap_ms = env_long("MAX_GAP_MS", 5);
 	long		timeout_ms = env_long("TIMEOUT_MS", 2000);
-	int			port = (int) env_long("REDIS_PORT", 0);
 	const char *raw_file = getenv("RAW_FILE");
 	long long  *lat = calloc(samples + 1, sizeof(long long));
 	long long  *e2e = calloc(samples + 1, sizeof(long long));
@@ -216,13 +358,7 @@ main(void)
 	double		sum = 0;
 	PGconn	   *pg;
 	PGresult   *res;
-	redisContext *cmd,
-			   *sub;
-	redisReply *flags;
-	char	   *old_flags;
 
-	if (port <= 0)
-		die("REDIS_PORT must be set", NULL);
 	pg = PQconnectdb("");
 	if (PQstatus(pg) != CONNECTION_OK)
 		die("connecting to PostgreSQL", PQerrorMessage(pg));
@@ -231,26 +367,19 @@ main(void)
 	if (PQresultStatus(res) != PGRES_COMMAND_OK)
 		die("preparing the UPDATE", PQresultErrorMessage(res));
 	PQclear(res);
-	cmd = redisConnect("127.0.0.1", port);
-	sub = redisConnect("127.0.0.1", port);
-	if (cmd == NULL || cmd->err || sub == NULL || sub->err)
-		die("connecting to Redis", cmd && cmd->err ? cmd->errstr : sub ? sub->errstr : NULL);
-	flags = must(cmd, redisCommand(cmd, "CONFIG GET notify-keyspace-events"), "CONFIG GET");
-	old_flags = strdup(flags->elements == 2 ? flags->element[1]->str : "");
-	freeReplyObject(flags);
-	/* K: keyspace channel, g: generic commands (DEL, UNLINK, ...) */
-	freeReplyObject(must(cmd, redisCommand(cmd, "CONFIG SET notify-keyspace-events Kg"), "CONFIG SET"));
-	freeReplyObject(must(sub, redisCommand(sub, "PSUBSCRIBE " CHANNEL_PREFIX "user:*"), "PSUBSCRIBE"));
+	nodes_open();
 
 	srand((unsigned) getpid());
-	for (long i = 0; i < warmup + samples; i++)
+	for (long i = 0; i < warmup + samples && !stop; i++)
 	{
 		int			id = (int) (first + rand() % (last - first + 1));
-		long long	t_send = now_ns(),
+		long long	t_send,
 					t_commit,
 					t_gone;
 
-		one_sample(pg, sub, cmd, id, timeout_ms, &t_commit, &t_gone);
+		one_sample(pg, id, timeout_ms, &t_send, &t_commit, &t_gone);
+		if (stop)
+			break;
 		if (i >= warmup)
 		{
 			if (t_gone < 0)
@@ -267,8 +396,9 @@ main(void)
 		if (gap_ms > 0)
 			usleep((useconds_t) (rand() % (gap_ms * 1000)));
 	}
-	freeReplyObject(must(cmd, redisCommand(cmd, "CONFIG SET notify-keyspace-events %s", old_flags),
-						 "CONFIG SET"));
+	if (stop)
+		die("interrupted", NULL);
+	restore_flags();
 
 	if (raw_file)
 	{
@@ -291,8 +421,11 @@ main(void)
 			   pct_ms(lat, n, 0.99), lat[n - 1] / 1e6);
 		printf("e2e_p50_ms=%.3f\ne2e_p99_ms=%.3f\n", pct_ms(e2e, n, 0.50), pct_ms(e2e, n, 0.99));
 	}
-	redisFree(sub);
-	redisFree(cmd);
+	for (int i = 0; i < nnodes; i++)
+	{
+		redisFree(nodes[i].sub);
+		redisFree(nodes[i].cmd);
+	}
 	PQfinish(pg);
 	return n == 0 ? 1 : 0;
 }

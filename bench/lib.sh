@@ -1,9 +1,9 @@
 # bench/lib.sh -- pieces shared by the side-by-side benchmarks (bench/tls.sh,
 # bench/cluster.sh), sourced after they set BENCH_DIR, REPO_DIR, NODE_DIR and
 # PG_BIN: a work folder, messages, free ports, cachekit built and installed, the
-# node helpers installed, a PostgreSQL with cachekit and a users table, the
-# worker pointed at a URL, the row trigger on or off, and the median with
-# min-max of a result series.
+# node helpers installed, the latency probe built, a PostgreSQL with cachekit
+# and a users table, the worker pointed at a URL, the row trigger on or off,
+# and the median with min-max of a result series.
 
 say() { printf '%s ==> %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }
@@ -40,6 +40,15 @@ bench_build() {
         (cd "$NODE_DIR" && npm install --no-audit --no-fund --no-package-lock --loglevel=error >/dev/null) \
             || die "npm install failed"
     fi
+}
+
+# the COMMIT -> key gone probe (bench/latency.c, libpq and hiredis) as $WORK/latency
+latency_probe_build() {
+    local inc
+    inc=$("$PG_BIN/pg_config" --includedir 2>/dev/null || echo /usr/include/postgresql)
+    [[ -f $inc/libpq-fe.h ]] || inc=/usr/include/postgresql
+    cc -O2 -Wall -o "$WORK/latency" "$BENCH_DIR/latency.c" -I"$inc" -lpq -lhiredis >"$WORK/latency_cc.log" 2>&1 ||
+        { cat "$WORK/latency_cc.log" >&2; die "the latency probe (bench/latency.c) did not build"; }
 }
 
 # PostgreSQL on port $1 in $WORK/pgdata with cachekit pointed at URL $2 and

@@ -1080,7 +1080,7 @@ report() {
         else row "  alt b: pg_notify + Node listener (TPS)" n/a n/a "" "" "npm install failed or skipped"; fi
         if ((MC_OK)); then tps_row memcache "  alt c: pgmemcache sync delete (TPS)"
         else row "  alt c: pgmemcache sync delete (TPS)" n/a n/a "" "" "pgmemcache/memcached not available"; fi
-        tps_row write_through "cachekit write-through (TPS)" ">=" 0.75
+        tps_row write_through "cachekit write-through (TPS)" ">=" 0.80
 
         section "1b. issue 15: per-round ratios to no trigger in the same round (median, min-max, every round)"
         round_row() {    # scenario base label op target [every-round-min]

@@ -11,7 +11,7 @@
 #   drain    a backlog of DRAIN_ENTRIES one-key entries (INSERT) built while
 #            the worker points at a dead port, then the time until it is
 #            delivered (keys/s)
-#   latency  COMMIT -> key gone, LAT_SAMPLES samples (bench/node/latency.js:
+#   latency  COMMIT -> key gone, LAT_SAMPLES samples (bench/latency.c:
 #            keyspace notification of the deletion)
 #   tps      pgbench TPS of single-row UPDATEs with the row trigger,
 #            divided by the TPS of the same run without trigger
@@ -44,6 +44,7 @@ BENCH_CLIENTS=${BENCH_CLIENTS:-2}
 # shellcheck source=bench/lib.sh
 source "$BENCH_DIR/lib.sh"
 bench_init tls
+latency_probe_build
 
 # ---- servers ------------------------------------------------------------------------
 REDIS_PID= 
@@ -109,7 +110,7 @@ latency() {    # name url
     set_trigger on
     runuser -u postgres -- env PGHOST="$WORK" PGPORT="$PG_PORT" PGUSER=postgres PGDATABASE=postgres \
         REDIS_PORT="$REDIS_PORT" SAMPLES="$LAT_SAMPLES" ID_FIRST=$((BENCH_ROWS - 999)) ID_LAST="$BENCH_ROWS" \
-        node "$NODE_DIR/latency.js" >"$out" 2>&1 || { cat "$out" >&2; die "latency.js failed"; }
+        "$WORK/latency" >"$out" 2>&1 || { cat "$out" >&2; die "the latency probe failed"; }
     res "p50.$1" "$(sed -n 's/^p50_ms=//p' "$out")"
     res "p99.$1" "$(sed -n 's/^p99_ms=//p' "$out")"
     say "    COMMIT -> key gone over $1: p50 $(sed -n 's/^p50_ms=//p' "$out") ms, p99 $(sed -n 's/^p99_ms=//p' "$out") ms"
