@@ -218,7 +218,8 @@ set_key(const char *key)
 
 /*
  * One sample: *send_ns, *commit_ns and *gone_ns get when the UPDATE was
- * sent and when each socket turned readable (gone_ns -1 on timeout).
+ * sent and when each socket turned readable (gone_ns -1 on timeout, or
+ * when a signal stopped the run).
  */
 static void
 one_sample(PGconn *pg, int id, long timeout_ms, long long *send_ns, long long *commit_ns,
@@ -248,7 +249,7 @@ one_sample(PGconn *pg, int id, long timeout_ms, long long *send_ns, long long *c
 		for (int i = 0; i < nnodes; i++)
 			fds[i + 1] = (struct pollfd) {nodes[i].sub->fd, POLLIN, 0};
 		if (replied && (now_ns() > deadline || stop))
-			return;				/* timeout: the del never came */
+			return;				/* the del never came, or we are stopped */
 		n = poll(fds, nnodes + 1, 50);
 		t = now_ns();
 		if (n < 0 && errno != EINTR)

@@ -1,9 +1,10 @@
 # bench/lib.sh -- pieces shared by the side-by-side benchmarks (bench/tls.sh,
-# bench/cluster.sh), sourced after they set BENCH_DIR, REPO_DIR, NODE_DIR and
-# PG_BIN: a work folder, messages, free ports, cachekit built and installed, the
-# node helpers installed, the latency probe built, a PostgreSQL with cachekit
-# and a users table, the worker pointed at a URL, the row trigger on or off,
-# and the median with min-max of a result series.
+# bench/cluster.sh), sourced after they set BENCH_DIR, REPO_DIR, PG_BIN and,
+# if they run Node helpers, NODE_DIR: a work folder, messages, free ports,
+# cachekit built and installed, the node helpers installed, the latency
+# probe built, a PostgreSQL with cachekit and a users table, the worker
+# pointed at a URL, the row trigger on or off, and the median with min-max of
+# a result series.
 
 say() { printf '%s ==> %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }
@@ -19,7 +20,7 @@ now_ms() { date +%s%3N; }
 calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 
 # as root, a work folder $WORK (/tmp/cachekit-$1-bench.*) PostgreSQL may
-# use, cachekit built and installed, the node helpers installed
+# use, cachekit built and installed, the node helpers installed (NODE_DIR set)
 bench_init() {
     [[ $(id -u) -eq 0 ]] || die "must be run as root"
     WORK=$(mktemp -d "/tmp/cachekit-$1-bench.XXXXXX")
@@ -29,13 +30,14 @@ bench_init() {
 }
 
 # build and install cachekit (unless BENCH_SKIP_BUILD=1), npm install bench/node
+# for a caller that set NODE_DIR
 bench_build() {
     if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
         say "building and installing cachekit (test/setup.sh)"
         CACHEKIT_BUILD_DIR=${BENCH_BUILD_DIR:-/tmp/cachekit-bench-build} CACHEKIT_PG_BIN=$PG_BIN \
             bash "$REPO_DIR/test/setup.sh" >/dev/null
     fi
-    if [[ ! -d $NODE_DIR/node_modules/ioredis ]]; then
+    if [[ -n ${NODE_DIR:-} && ! -d $NODE_DIR/node_modules/ioredis ]]; then
         say "npm install in bench/node (pg, ioredis)"
         (cd "$NODE_DIR" && npm install --no-audit --no-fund --no-package-lock --loglevel=error >/dev/null) \
             || die "npm install failed"

@@ -27,7 +27,6 @@ set -Eeuo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
-NODE_DIR=$BENCH_DIR/node
 PG_BIN=${CACHEKIT_PG_BIN:-/usr/lib/postgresql/15/bin}
 export LANG=C.UTF-8 LC_ALL=C.UTF-8
 unset PGHOST PGPORT PGDATABASE PGUSER PGPASSWORD PGSERVICE PGOPTIONS PGDATA PGHOSTADDR
