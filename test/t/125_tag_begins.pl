@@ -8,7 +8,10 @@
 #    the worker's ACL key patterns) is split: each tag begins alone, the
 #    others are flushed at once, only the refused tag's entry waits;
 #  - more tags than one call takes (500) are begun in several calls, each
-#    tag's answer read from its own place.
+#    tag's answer read from its own place;
+#  - tags without a set cost no TYPE check (one EXISTS answers for the
+#    call), yet a tag with members or with only a leftover private set
+#    among them is still flushed, and a user without EXISTS still flushes.
 #
 # Each case commits all its entries in one transaction, so that the worker
 # reads them as one batch.
@@ -102,6 +105,57 @@ like(sql('SELECT tags::text || last_error FROM cachekit_queue'), qr/^\{secret1\}
 	'with the NOPERM error');
 ok(resp_exists($redis, 'tag:secret1'), 'its set is untouched');
 sql('DELETE FROM cachekit_queue');
+
+# ---- empty tags: one EXISTS answers for the whole call ---------------------------
+
+# the calls of a command since the last CONFIG RESETSTAT (0 when none)
+sub calls
+{
+	my ($cmd, $field) = @_;
+	$field //= 'calls';
+	my $info = resp_cmd($redis, 'INFO', 'commandstats');
+	return $info =~ /^cmdstat_$cmd:.*\b$field=(\d+)/m ? $1 : 0;
+}
+
+# one transaction of flush entries, one per tag
+sub flush_together
+{
+	my $list = join(',', map { "'$_'" } @_);
+	sql(qq{INSERT INTO cachekit_queue (kind, keys, tags)
+		SELECT 'i', '{}', ARRAY[t] FROM unnest(ARRAY[$list]) t});
+	return;
+}
+
+resp_cmd($redis, 'CONFIG', 'RESETSTAT');
+flush_together(map { "okempty$_" } 1 .. 40);
+ok(wait_for(sub { queue_depth() == 0 }, 30), '40 flushes of tags without a set are delivered');
+is(calls('type'), 0, 'no TYPE check ran for them (one EXISTS answered for the call)');
+cmp_ok(calls('exists'), '>=', 1, 'the EXISTS ran');
+
+# among empty tags: a tag with members, and one whose set is gone but whose
+# private set an interrupted flush left behind (only the private name
+# exists: the pair must be found by both of its names)
+fill_tags('okf', 2);
+resp_pipeline($redis, [ 'SET', 'user:okleft1', 'v' ], [ 'SET', 'user:okleft2', 'v' ],
+	[ 'SADD', 'cachekit:flushing:tag:okleft', 'user:okleft1', 'user:okleft2' ]);
+flush_together((map { "okempty$_" } 1 .. 20), 'okf1', (map { "okempty$_" } 21 .. 40),
+	'okleft', 'okf2');
+ok(wait_for(sub { queue_depth() == 0 }, 30), 'the mixed call is delivered');
+is(left('okf', 2), 0, 'the tags with members among empty ones are flushed');
+is(resp_cmd($redis, 'EXISTS', 'user:okleft1', 'user:okleft2', 'cachekit:flushing:tag:okleft'),
+	0, 'the leftover private set of a tag without a set is drained');
+
+# a worker user whose ACL lacks EXISTS (set up before it was used) still
+# flushes: the TYPE checks answer for every tag
+redis_cmd($redis, 'ACL', 'SETUSER', 'ck', '-exists');
+resp_cmd($redis, 'CONFIG', 'RESETSTAT');
+fill_tags('okg', 3);
+flush_together((map { "okempty$_" } 1 .. 10), map { "okg$_" } 1 .. 3);
+ok(wait_for(sub { queue_depth() == 0 }, 30), 'delivered without EXISTS');
+is(left('okg', 3), 0, 'the tags are flushed without EXISTS');
+cmp_ok(calls('exists', 'rejected_calls'), '>=', 1, 'EXISTS was refused');
+cmp_ok(calls('type'), '>=', 13, 'and the TYPE checks ran instead');
+redis_cmd($redis, 'ACL', 'SETUSER', 'ck', '+exists');
 
 # ---- more tags than one call takes -----------------------------------------------
 
