@@ -98,10 +98,15 @@ static const char *flush_drain_script =
  * keys are sets it joins, the rest are sets it leaves. ARGV[1] is 'set' or
  * 'del', ARGV[2] the value, ARGV[3] the ttl in seconds (0: none).
  *
- * Every set is checked before anything is written: a script that failed
- * after its SET would leave a value whose entry counts as refused (Lua
- * scripts do not roll back). When a set holds another type, the key is
- * deleted (a miss, never a stale value) and the script fails.
+ * The sets are changed before the value is written, each change allowed to
+ * fail (redis.pcall): a script that failed after its SET would leave a
+ * value whose entry counts as refused (Lua scripts do not roll back). When
+ * a set refuses (it holds another type, or Redis is out of memory), or the
+ * SET does, the key is deleted (a miss, never a stale value) and the
+ * script fails with that error; the changes of the sets before it stay: a set the key
+ * joined lists a key without a value (as a reader's may), a set it left no
+ * longer lists a key that is gone. (Checking every set's type first cost a
+ * script call per set and write.)
  *
  * Tag set expiry: a set never gets an expiry it did not have (a reader may
  * have added a key without a TTL, and a set that expires before one of its
@@ -121,28 +126,35 @@ static const char *apply_script =
 "local ttl = tonumber(ARGV[3])\n"
 "local njoin = tonumber(ARGV[4])\n"
 "for i = 2, #KEYS do\n"
-"  local t = redis.call('TYPE', KEYS[i]).ok\n"
-"  if t ~= 'set' and t ~= 'none' then\n"
-"    redis.call('UNLINK', key)\n"
+"  local r\n"
+"  if i <= njoin + 1 then r = redis.pcall('SADD', KEYS[i], key)\n"
+"  else r = redis.pcall('SREM', KEYS[i], key) end\n"
+"  if type(r) == 'table' and r.err then\n"
+"    redis.pcall('UNLINK', key)\n"
+"    if string.sub(r.err, 1, 10) ~= 'WRONGTYPE ' then return r end\n"
+"    local t = redis.call('TYPE', KEYS[i]).ok\n"
 "    return redis.error_reply('WRONGTYPE tag set ' .. KEYS[i] .. ' holds a ' .. t .. ', not a set')\n"
 "  end\n"
 "end\n"
 "if ARGV[1] == 'set' then\n"
-"  if ttl > 0 then redis.call('SET', key, ARGV[2], 'EX', ttl)\n"
-"  else redis.call('SET', key, ARGV[2]) end\n"
+"  local r\n"
+"  if ttl > 0 then r = redis.pcall('SET', key, ARGV[2], 'EX', ARGV[3])\n"
+"  else r = redis.pcall('SET', key, ARGV[2]) end\n"
+"  if type(r) == 'table' and r.err then\n"
+"    redis.pcall('UNLINK', key)\n"
+"    return r\n"
+"  end\n"
 "else\n"
 "  redis.call('UNLINK', key)\n"
 "end\n"
 "for i = 2, njoin + 1 do\n"
 "  local s = KEYS[i]\n"
-"  redis.call('SADD', s, key)\n"
 "  local left = redis.call('PTTL', s)\n"
 "  if left >= 0 then\n"
 "    if ttl == 0 then redis.call('PERSIST', s)\n"
 "    elseif left < ttl * 1000 + 1000 then redis.call('PEXPIRE', s, ttl * 1000 + 1000) end\n"
 "  end\n"
 "end\n"
-"for i = njoin + 2, #KEYS do redis.call('SREM', KEYS[i], key) end\n"
 "return 1\n";
 
 /*

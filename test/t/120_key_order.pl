@@ -8,7 +8,8 @@
 #    script runs);
 #  - a refused write that waits for its retry holds the later writes of its
 #    key that come in later passes;
-#  - a script that fails on a tag set holding a string leaves no value behind
+#  - a script that fails on a tag set holding a string (one the key joins,
+#    or one it leaves) leaves no value behind
 #    (no SET then failure: Lua scripts do not roll back); the key is deleted
 #    until the cause is fixed, then written once with the newest value.
 #
@@ -151,6 +152,26 @@ equals_row('after the fix', 5);
 never_backwards('tag set holding a string', 'wt:5');
 is_deeply(resp_cmd($redis, 'SMEMBERS', 'tag:grp:bad'), ['wt:5'], 'and the key joined its tag set');
 is(cachekit_stats($node)->{dead_letters}, '0', 'nothing was dead-lettered');
+
+# ---- the tag set a key leaves holds a string: no SET either ------------------
+
+sql(q{UPDATE wt SET ver = 40, note = 'MARK-40', grp = 'leaving' WHERE id = 2});
+ok(drained(), 'wt:2 moved to grp:leaving');
+is(redis_cmd($redis, 'SISMEMBER', 'tag:grp:leaving', 'wt:2'), '1', 'wt:2 is in tag:grp:leaving');
+redis_cmd($redis, 'DEL', 'tag:grp:leaving');
+redis_cmd($redis, 'SET', 'tag:grp:leaving', 'a string, not a set');
+sql(q{UPDATE wt SET ver = 41, note = 'MARK-41', grp = 'arrived' WHERE id = 2});
+ok( wait_for(sub { sql(q{SELECT coalesce(min(attempts), 0) FROM cachekit_queue}) >= 1 }, 60),
+	'the set left holds a string: the write is refused');
+like(sql(q{SELECT last_error FROM cachekit_queue}),
+	qr/^WRONGTYPE tag set tag:grp:leaving holds a string, not a set/, 'naming the set left');
+ok(!redis_exists($redis, 'wt:2'), 'the refused write left no value (the key is deleted, never stale)');
+is_deeply([ grep { $_ == 41 } versions_set('wt:2') ], [], 'no SET of the refused version reached Redis');
+redis_cmd($redis, 'DEL', 'tag:grp:leaving');
+ok(drained(), 'once the set is fixed: delivered');
+equals_row('after the fix of the set left', 2);
+never_backwards('tag set left holding a string', 'wt:2');
+is(redis_cmd($redis, 'SISMEMBER', 'tag:grp:arrived', 'wt:2'), '1', 'wt:2 joined tag:grp:arrived');
 
 $node->stop;
 stop_redis($redis);

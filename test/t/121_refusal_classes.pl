@@ -11,6 +11,8 @@
 #    delivered once fixed;
 #  - a refused entry waits for its own retry: the queue behind it flows at
 #    once even when cachekit.retry_max_delay is long;
+#  - a write-through refused inside its script (OOM at its first set, or at
+#    the SET of a key without tags) deletes the key's old value meanwhile;
 #  - NOPERM for a command (EVALSHA not allowed) refuses everything alike: not
 #    counted, never dead-lettered, delivered once the ACL is fixed.
 
@@ -152,6 +154,37 @@ ok(wait_for(sub { stat_of('dead_letters') eq '1' }, 60), 'then it is dead-letter
 is(queue_depth(), '0', 'queue empty');
 sql('DELETE FROM cachekit_dead_letter');
 redis_cmd($redis, 'DEL', 'tag:wrong2');
+
+# ---- a write-through refused inside its script (Redis out of memory) ---------
+
+# the sets are changed first, each allowed to fail: the failure deletes the
+# key's old value (a miss, never stale) before the script answers
+# (the key of a table without tags: the failure of its SET does the same)
+redis_cmd($redis, 'SET', 'user:np1', 'old value');
+redis_cmd($redis, 'SET', 'user:nt1', 'old value');
+redis_cmd($redis, 'CONFIG', 'SET', 'maxmemory', '1');
+sql(q{
+CREATE TABLE np (id int PRIMARY KEY, v int);
+CREATE TRIGGER np_cache AFTER INSERT OR UPDATE ON np
+	FOR EACH ROW EXECUTE FUNCTION cachekit_write_through('key=user:np{id}', 'tag=np');
+CREATE TABLE nt (id int PRIMARY KEY, v int);
+CREATE TRIGGER nt_cache AFTER INSERT OR UPDATE ON nt
+	FOR EACH ROW EXECUTE FUNCTION cachekit_write_through('key=user:nt{id}');
+BEGIN;
+INSERT INTO np VALUES (1, 7);
+INSERT INTO nt VALUES (1, 8);
+COMMIT;
+});
+ok(wait_for(sub { (stat_of('last_error') // '') =~ /: OOM command not allowed/ }, 30),
+	'a write-through while Redis is out of memory fails with OOM');
+ok(!redis_exists($redis, 'user:np1'), 'the key\'s old value is deleted (a miss, never stale)');
+ok(!redis_exists($redis, 'user:nt1'), 'so is that of the key without tags');
+ok(!redis_exists($redis, 'tag:np'), 'no set was made');
+redis_cmd($redis, 'CONFIG', 'SET', 'maxmemory', '0');
+ok(wait_for(sub { queue_depth() == 0 }, 30), 'memory again: delivered');
+like(redis_cmd($redis, 'GET', 'user:np1') // '', qr/"v": ?7\b/, 'the key holds the row');
+is(redis_cmd($redis, 'SISMEMBER', 'tag:np', 'user:np1'), '1', 'and joined its set');
+like(redis_cmd($redis, 'GET', 'user:nt1') // '', qr/"v": ?8\b/, 'the key without tags too');
 
 # ---- NOPERM for a command: Redis refuses everything, nothing is counted -------
 
