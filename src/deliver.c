@@ -103,10 +103,10 @@ static const char *flush_drain_script =
  * value whose entry counts as refused (Lua scripts do not roll back). When
  * a set refuses (it holds another type, or Redis is out of memory), or the
  * SET does, the key is deleted (a miss, never a stale value) and the
- * script fails with that error; the changes of the sets before it stay: a set the key
- * joined lists a key without a value (as a reader's may), a set it left no
- * longer lists a key that is gone. (Checking every set's type first cost a
- * script call per set and write.)
+ * script fails with that error. The changes of the sets before it stay: a
+ * set the key joined lists a key without a value (as a reader's may), a
+ * set it left no longer lists a key that is gone. (Checking every set's
+ * type first cost a script call per set and write.)
  *
  * Tag set expiry: a set never gets an expiry it did not have (a reader may
  * have added a key without a TTL, and a set that expires before one of its
