@@ -3,7 +3,8 @@
 # as a Redis ACL user with exactly the commands the README lists, and each
 # of those commands is needed: without any one of them delivery stops with
 # a NOPERM naming it (EXISTS, which only makes tag flushes cheaper, is
-# shown to be optional instead). Through Sentinel, ROLE and WAIT are needed as well.
+# shown to be optional instead). Through Sentinel, ROLE and WAIT are needed
+# as well.
 
 use strict;
 use warnings;
