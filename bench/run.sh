@@ -239,6 +239,14 @@ fmt() {    # fmt decimals value
     awk -v d="$1" -v v="$2" 'BEGIN { printf "%.*f", d, v }'
 }
 ratio() { [[ -n ${1:-} && -n ${2:-} ]] && awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) exit; printf "%.6f", a / b }' || true; }
+# per-round ratios of key $1 to key $2 (the nth value of each, same round):
+# "median min max", empty when there is none
+round_ratios() {
+    paste -d' ' <(res_all "$1") <(res_all "$2") | awk 'NF == 2 && $2 > 0 { print $1 / $2 }' | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR == 0) exit; m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.4f %.4f %.4f", m, v[1], v[NR] }'
+}
+# "lo-hi" of round_ratios' answer, n/a when empty
+min_max() { [[ -n ${1:-} ]] && echo "$1" | awk '{ printf "%.3f-%.3f", $2, $3 }' || echo n/a; }
 # verdict value op limit [limit2] -> PASS / MISS / n/a
 verdict() {
     [[ -n ${1:-} ]] || { echo n/a; return; }
@@ -1070,11 +1078,9 @@ report() {
         tps_row ck_row "cachekit row trigger (TPS)" ">=" 0.80
         tps_row ck_row_redelete "  + redelete_after ${BENCH_REDELETE_AFTER:-500ms} (TPS)"
         # its cost: the median of per-round ratios to the row trigger of the same round
-        r=$(paste -d' ' <(res_all tps.ck_row_redelete) <(res_all tps.ck_row) |
-            awk 'NF == 2 && $2 > 0 { print $1 / $2 }' | sort -g |
-            awk '{ v[NR] = $1 } END { if (NR == 0) exit; m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.4f %.4f %.4f", m, v[1], v[NR] }')
+        r=$(round_ratios tps.ck_row_redelete tps.ck_row)
         row "  redelete_after vs row trigger, per round" "" "$(fmt 3 "${r%% *}")" ">=0.98" "$(verdict "${r%% *}" ">=" 0.98)" \
-            "median of per-round ratios; min-max $( [[ -n $r ]] && echo "$r" | awk '{ printf "%.3f-%.3f", $2, $3 }' || echo n/a)"
+            "median of per-round ratios; min-max $(min_max "$r")"
         tps_row outbox "  alt a: PL/pgSQL outbox + drainer (TPS)"
         if ((NODE_OK)); then tps_row notify "  alt b: pg_notify + Node listener (TPS)"
         else row "  alt b: pg_notify + Node listener (TPS)" n/a n/a "" "" "npm install failed or skipped"; fi
@@ -1111,7 +1117,8 @@ report() {
     fi
 
     if wants bulk; then
-        section "2. one UPDATE of all $BENCH_ROWS rows (ms, median of $BULK_RUNS)"
+        # ratios: the median of per-round ratios to the no-trigger UPDATE of the same round
+        section "2. one UPDATE of all $BENCH_ROWS rows (ms, median of $BULK_RUNS; ratio: median of per-round ratios)"
         base=$(res_median bulk.none)
         row "no trigger: UPDATE (ms)" "$(fmt 0 "$base")" "$( [[ -n $base ]] && echo 1.00 || echo n/a)" "" "" "runs $(res_list bulk.none)"
         for v in noop_stmt ck_stmt ck_row; do
@@ -1121,21 +1128,25 @@ report() {
                 ck_stmt) label="cachekit statement trigger: UPDATE (ms)" target="<=" ;;
                 *) label="cachekit row trigger: UPDATE (ms)" ;;
             esac
+            r=$(round_ratios "bulk.$v" bulk.none)
             if [[ $v == noop_stmt ]]; then
-                r=$(ratio "$(res_median "bulk.$v")" "$base")
-                row "$label" "$(fmt 0 "$(res_median "bulk.$v")")" "$(fmt 2 "$r")" "" "" \
-                    "PostgreSQL's own capture of OLD and NEW TABLE; runs $(res_list "bulk.$v")"
+                row "$label" "$(fmt 0 "$(res_median "bulk.$v")")" "$(fmt 2 "${r%% *}")" "" "" \
+                    "PostgreSQL's own capture of OLD and NEW TABLE; min-max $(min_max "$r"); runs $(res_list "bulk.$v")"
                 continue
             fi
-            r=$(ratio "$(res_median "bulk.$v")" "$base")
             if [[ -z $(res_median "bulk.$v") ]]; then
                 row "$label" n/a n/a "${target:+<=1.30}" n/a "$(res_last "bulk_err.$v")"
                 continue
             fi
-            row "$label" "$(fmt 0 "$(res_median "bulk.$v")")" "$(fmt 2 "$r")" "${target:+<=1.30}" \
-                "$( [[ -n $target ]] && verdict "$r" "<=" 1.30)" \
-                "until cachekit_wait returns: $(fmt 0 "$(res_median "bulk_done.$v")") ms (x$(fmt 2 "$(ratio "$(res_median "bulk_done.$v")" "$base")")); $(res_last "bulk_entries.$v") queue entries, $(res_last "bulk_left.$v") cached rows left; runs $(res_list "bulk.$v")"
+            local done_r
+            done_r=$(round_ratios "bulk_done.$v" bulk.none)
+            row "$label" "$(fmt 0 "$(res_median "bulk.$v")")" "$(fmt 2 "${r%% *}")" "${target:+<=1.30}" \
+                "$( [[ -n $target ]] && verdict "${r%% *}" "<=" 1.30)" \
+                "min-max $(min_max "$r"); until cachekit_wait returns: $(fmt 0 "$(res_median "bulk_done.$v")") ms (x$(fmt 2 "${done_r%% *}")); $(res_last "bulk_entries.$v") queue entries, $(res_last "bulk_left.$v") cached rows left; runs $(res_list "bulk.$v")"
         done
+        r=$(round_ratios bulk.ck_stmt bulk.noop_stmt)
+        row "  statement trigger vs empty trigger, per round" "" "$(fmt 2 "${r%% *}")" "" "" \
+            "cachekit's own part beside PostgreSQL's capture; min-max $(min_max "$r")"
     fi
 
     if wants latency; then
