@@ -4,12 +4,13 @@
  * For each sample: SET user:<id> in Redis, send an autocommit UPDATE of that
  * row (its reply is the COMMIT returning), then wait in poll() on the
  * sockets at once: PostgreSQL's, and on each Redis node one connection
- * subscribed to the keyspace channel of user:* (event "del"). Each side is timed when poll()
- * reports its socket readable, before anything is parsed, on one monotonic
- * clock: the sample is (del readable) - (COMMIT reply readable). A negative
- * sample means the worker's delete reached us first. Nothing else runs in
- * this process, so the two times carry no event-loop noise (the Node client
- * it replaces could take one callback milliseconds before the other).
+ * subscribed to the keyspace channel of user:* (event "del"). Each side is
+ * timed when poll() reports its socket readable, before anything is parsed,
+ * on one monotonic clock: the sample is (del readable) - (COMMIT reply
+ * readable). A negative sample means the worker's delete reached us first.
+ * Nothing else runs in this process, so the two times carry no event-loop
+ * noise (the Node client it replaces could take one callback milliseconds
+ * before the other).
  *
  * Against a Redis Cluster (REDIS_CLUSTER_PORTS) it subscribes on every node
  * given (a keyspace event is published on the node that owns the key) and

@@ -1092,13 +1092,13 @@ report() {
         round_row() {    # scenario base label op target [every-round-min]
             local s=$1 b=$2 label=$3 rs m
             rs=$(paste -d' ' <(res_all "tps.$s") <(res_all "tps.$b") | awk 'NF == 2 && $2 > 0 { printf "%.3f\n", $1 / $2 }')
-            m=$(echo "$rs" | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; printf "%.4f %.3f %.3f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2, v[1], v[NR] }')
+            m=$(round_ratios "tps.$s" "tps.$b")
             local verd=n/a note
             if [[ -n $m && -n ${5:-} ]]; then
                 verd=$(verdict "${m%% *}" "$4" "$5")
                 if [[ -n ${6:-} && $verd == PASS ]]; then verd=$(verdict "$(echo "$m" | cut -d' ' -f2)" ">=" "$6"); fi
             fi
-            note="min-max $( [[ -n $m ]] && echo "$m" | awk '{ printf "%s-%s", $2, $3 }' || echo n/a); rounds $(echo "$rs" | awk 'NF' | paste -sd/ -)"
+            note="min-max $(min_max "$m"); rounds $(echo "$rs" | awk 'NF' | paste -sd/ -)"
             note="$note; TPS $(res_list "tps.$s") vs $(res_list "tps.$b")"
             # the same from CPU: server CPU per transaction, base / scenario
             local cr
