@@ -97,68 +97,105 @@ static const char *flush_drain_script =
 "return #m\n";
 
 /*
- * Apply the final state of a key: KEYS[1] is the key, the next ARGV[4]
- * keys are sets it joins, the rest are sets it leaves. ARGV[1] is 'set' or
- * 'del', ARGV[2] the value, ARGV[3] the ttl in seconds (0: none).
+ * Apply the final state of keys, one or several in a call. Each key has
+ * five ARGV: 'set' or 'del', the value, the ttl in seconds (0: none), how
+ * many sets it joins and how many it leaves; its KEYS are the key, then
+ * the sets it joins, then those it leaves. The reply has one element per
+ * key: '1', or the text of the error that refused it (the other keys of the
+ * call go on).
  *
- * The sets are changed before the value is written, each change allowed to
- * fail (redis.pcall): a script that failed after its SET would leave a
- * value whose entry counts as refused (Lua scripts do not roll back). When
- * a set refuses (it holds another type, or Redis is out of memory), or the
- * SET does, the key is deleted (a miss, never a stale value) and the
- * script fails with that error. The changes of the sets before it stay: a
- * set the key joined lists a key without a value (as a reader's may), a
- * set it left no longer lists a key that is gone. (Checking every set's
- * type first cost a script call per set and write.)
+ * A key first joins its sets, then its value is written (or deleted), then
+ * it leaves its other sets, each step allowed to fail (redis.pcall): a
+ * script that failed after its SET would leave a value whose entry counts
+ * as refused (Lua scripts do not roll back). When a set refuses (it holds
+ * another type, or Redis is out of memory), or the SET does, the key is
+ * deleted (a miss, never a stale value) and its element is that error. The
+ * sets it leaves are rare (a row's tag changed, or the row went) and
+ * checked by TYPE before the SET, so that a refusal there sends no value
+ * either. The changes of the sets before a refusal stay: a set the key
+ * joined lists a key without a value (as a reader's may). (Checking every
+ * set's type first cost a script call per set and write.)
+ *
+ * Out of memory, Redis refuses a script's writes only until the script
+ * changed something, then lets every write through. So the commands that
+ * may be refused for memory (SADD, SET) come first: a key's joins and
+ * value before the SREM of its leaves, and the call's writes before its
+ * deletes (ck_deliver_segment); once a key met OOM, the later writes of
+ * the call are refused the same way without trying.
  *
  * Tag set expiry: a set never gets an expiry it did not have (a reader may
  * have added a key without a TTL, and a set that expires before one of its
  * keys misses that key's flush). A set that has one (a reader's) is kept
  * alive at least as long as the key joining it: extended to a second past
- * the key's ttl,
- * or made persistent for a key without ttl. Without expiry the sets still
- * do not grow without bound from cachekit's side: a key joins a set once
- * however often it is written, and leaves it when its row's key or tag
- * changes or the row is deleted, so a set lists at most the keys of the
- * rows that have its tag (and what readers add), until a flush empties it.
- * Members whose keys merely do not exist are not pruned: a reader may add a
- * key to the set before it sets the key.
+ * the key's ttl, or made persistent for a key without ttl. A set already
+ * seen in the call for the same ttl is not looked at again: nothing in
+ * between changed its expiry. Without expiry the sets still do not grow
+ * without bound from cachekit's side: a key joins a set once however often
+ * it is written, and leaves it when its row's key or tag changes or the
+ * row is deleted, so a set lists at most the keys of the rows that have
+ * its tag (and what readers add), until a flush empties it. Members whose
+ * keys merely do not exist are not pruned: a reader may add a key to the
+ * set before it sets the key.
  */
 static const char *apply_script =
-"local key = KEYS[1]\n"
-"local ttl = tonumber(ARGV[3])\n"
-"local njoin = tonumber(ARGV[4])\n"
-"for i = 2, #KEYS do\n"
-"  local r\n"
-"  if i <= njoin + 1 then r = redis.pcall('SADD', KEYS[i], key)\n"
-"  else r = redis.pcall('SREM', KEYS[i], key) end\n"
-"  if type(r) == 'table' and r.err then\n"
-"    redis.pcall('UNLINK', key)\n"
-"    if string.sub(r.err, 1, 10) ~= 'WRONGTYPE ' then return r end\n"
+"local seen, oom = {}, nil\n"
+"local function refuse(key, err)\n"
+"  redis.pcall('UNLINK', key)\n"
+"  if string.sub(err, 1, 4) == 'OOM ' then oom = err end\n"
+"  return err\n"
+"end\n"
+"local function change_set(cmd, set, key)\n"
+"  local r = redis.pcall(cmd, set, key)\n"
+"  if type(r) ~= 'table' or not r.err then return nil end\n"
+"  if string.sub(r.err, 1, 10) ~= 'WRONGTYPE ' then return r.err end\n"
+"  return 'WRONGTYPE tag set ' .. set .. ' holds a ' .. redis.call('TYPE', set).ok .. ', not a set'\n"
+"end\n"
+"local function apply(k, a)\n"
+"  local key, ttl = KEYS[k], tonumber(ARGV[a + 2])\n"
+"  local last_join = k + tonumber(ARGV[a + 3])\n"
+"  if oom and ARGV[a] == 'set' then return refuse(key, oom) end\n"
+"  local last_leave = last_join + tonumber(ARGV[a + 4])\n"
+"  for i = k + 1, last_join do\n"
+"    local err = change_set('SADD', KEYS[i], key)\n"
+"    if err then return refuse(key, err) end\n"
+"  end\n"
+"  for i = last_join + 1, last_leave do\n"
 "    local t = redis.call('TYPE', KEYS[i]).ok\n"
-"    return redis.error_reply('WRONGTYPE tag set ' .. KEYS[i] .. ' holds a ' .. t .. ', not a set')\n"
+"    if t ~= 'set' and t ~= 'none' then\n"
+"      return refuse(key, 'WRONGTYPE tag set ' .. KEYS[i] .. ' holds a ' .. t .. ', not a set')\n"
+"    end\n"
 "  end\n"
-"end\n"
-"if ARGV[1] == 'set' then\n"
-"  local r\n"
-"  if ttl > 0 then r = redis.pcall('SET', key, ARGV[2], 'EX', ARGV[3])\n"
-"  else r = redis.pcall('SET', key, ARGV[2]) end\n"
-"  if type(r) == 'table' and r.err then\n"
-"    redis.pcall('UNLINK', key)\n"
-"    return r\n"
+"  if ARGV[a] == 'set' then\n"
+"    local r\n"
+"    if ttl > 0 then r = redis.pcall('SET', key, ARGV[a + 1], 'EX', ARGV[a + 2])\n"
+"    else r = redis.pcall('SET', key, ARGV[a + 1]) end\n"
+"    if type(r) == 'table' and r.err then return refuse(key, r.err) end\n"
+"  else\n"
+"    redis.call('UNLINK', key)\n"
 "  end\n"
-"else\n"
-"  redis.call('UNLINK', key)\n"
-"end\n"
-"for i = 2, njoin + 1 do\n"
-"  local s = KEYS[i]\n"
-"  local left = redis.call('PTTL', s)\n"
-"  if left >= 0 then\n"
-"    if ttl == 0 then redis.call('PERSIST', s)\n"
-"    elseif left < ttl * 1000 + 1000 then redis.call('PEXPIRE', s, ttl * 1000 + 1000) end\n"
+"  for i = last_join + 1, last_leave do\n"
+"    local err = change_set('SREM', KEYS[i], key)\n"
+"    if err then return refuse(key, err) end\n"
 "  end\n"
+"  for i = k + 1, last_join do\n"
+"    local s = KEYS[i]\n"
+"    if seen[s] ~= ttl then\n"
+"      seen[s] = ttl\n"
+"      local left = redis.call('PTTL', s)\n"
+"      if left >= 0 then\n"
+"        if ttl == 0 then redis.call('PERSIST', s)\n"
+"        elseif left < ttl * 1000 + 1000 then redis.call('PEXPIRE', s, ttl * 1000 + 1000) end\n"
+"      end\n"
+"    end\n"
+"  end\n"
+"  return '1'\n"
 "end\n"
-"return 1\n";
+"local out, k = {}, 1\n"
+"for a = 1, #ARGV, 5 do\n"
+"  out[#out + 1] = apply(k, a)\n"
+"  k = k + 1 + tonumber(ARGV[a + 3]) + tonumber(ARGV[a + 4])\n"
+"end\n"
+"return out\n";
 
 /*
  * In a cluster, a key joins a tag set in the set's slot: KEYS[1] is the
@@ -231,7 +268,9 @@ typedef struct CkKeyPlan
 	bool		simple;			/* only plain deletes: goes into an UNLINK */
 	CkEntry    *final_write;	/* the write that wins, or NULL for a delete */
 	List	   *leaves;			/* sets the key leaves */
-	CkCmd	   *cmd;			/* its script */
+	CkCmd	   *cmd;			/* its script call, maybe shared with other keys */
+	int			apply_elem;		/* ...its place in the call's reply */
+	int			apply_count;	/* ...and how many keys the call applied */
 	List	   *setcmds;		/* cluster: its joins and leaves, one per set */
 } CkKeyPlan;
 
@@ -652,38 +691,84 @@ ck_plan_key(CkBatch *b, CkGroup *g, CkKeyPlan *plan)
 }
 
 /*
- * Send what applies a key's final state: the script (with the tag sets, on
- * one node; alone in a cluster, where each set is changed in its own slot).
+ * One element of a script's array reply, for one tag or key: a one-digit
+ * answer among "digits" as an integer reply, anything else as the error
+ * that refused it.
  */
 static void
-ck_append_apply(CkBatch *b, CkKeyPlan *plan)
+ck_reply_element(const CkReply *arr, int i, const char *digits, CkReply *out)
+{
+	const char *v = (i < arr->nelems) ? arr->elems[i] : NULL;
+
+	memset(out, 0, sizeof(CkReply));
+	if (v != NULL && v[0] != '\0' && v[1] == '\0' && strchr(digits, v[0]) != NULL)
+	{
+		out->status = CK_REPLY_OK;
+		out->integer = v[0] - '0';
+	}
+	else
+	{
+		out->status = CK_REPLY_ERROR;
+		out->error = pstrdup(v ? v : "ERR unexpected reply from a cachekit script");
+	}
+}
+
+/* keys in one call of the apply script at most, and bytes of their values */
+#define CK_APPLY_KEYS 100
+#define CK_APPLY_BYTES (256 * 1024)
+
+/* What a key's plan adds to an apply call: KEYS, ARGV and value bytes. */
+static void
+ck_apply_size(CkBatch *b, CkKeyPlan *plan, int *nkeys, Size *bytes)
 {
 	CkEntry    *w = plan->final_write;
-	int			njoin = w ? w->ntags : 0;
-	int			nleave = list_length(plan->leaves);
-	int			nsets = b->cluster ? 0 : njoin + nleave;
-	int			argc = 0;
-	const char **argv = palloc(sizeof(char *) * (njoin + nleave + 8));
+
+	*nkeys = 1;
+	*bytes = strlen(plan->group->str) + 64;
+	if (w != NULL && w->value != NULL)
+		*bytes += strlen(w->value);
+	if (b->cluster)
+		return;
+	*nkeys += (w ? w->ntags : 0) + list_length(plan->leaves);
+	for (int t = 0; w != NULL && t < w->ntags; t++)
+		*bytes += strlen(w->tags[t]);
+}
+
+/*
+ * Add a key's KEYS and ARGV for the apply script (its sets only on one
+ * node: in a cluster each set is changed in its own slot).
+ */
+static void
+ck_apply_args(CkBatch *b, CkKeyPlan *plan, const char **keys, int *nkeys,
+			  const char **args, int *nargs)
+{
+	CkEntry    *w = plan->final_write;
+	int			njoin = (w != NULL && !b->cluster) ? w->ntags : 0;
+	int			nleave = b->cluster ? 0 : list_length(plan->leaves);
+	ListCell   *lc;
+
+	keys[(*nkeys)++] = plan->group->str;
+	for (int t = 0; t < njoin; t++)
+		keys[(*nkeys)++] = psprintf("%s%s", ck_tag_prefix, w->tags[t]);
+	foreach(lc, plan->leaves)
+		if (!b->cluster)
+			keys[(*nkeys)++] = psprintf("%s%s", ck_tag_prefix, (char *) lfirst(lc));
+	args[(*nargs)++] = w ? "set" : "del";
+	args[(*nargs)++] = w && w->value ? w->value : "";
+	args[(*nargs)++] = psprintf("%d", w ? w->ttl : 0);
+	args[(*nargs)++] = psprintf("%d", njoin);
+	args[(*nargs)++] = psprintf("%d", nleave);
+}
+
+/* Cluster: send a key's joins and leaves of sets, each in the set's slot. */
+static void
+ck_append_set_changes(CkBatch *b, CkKeyPlan *plan)
+{
+	CkEntry    *w = plan->final_write;
 	char	   *ttl = psprintf("%d", w ? w->ttl : 0);
 	ListCell   *lc;
 
-	argv[argc++] = "EVALSHA";
-	argv[argc++] = script_sha[CK_SCRIPT_APPLY];
-	argv[argc++] = psprintf("%d", 1 + nsets);
-	argv[argc++] = plan->group->str;
-	for (int t = 0; t < njoin && !b->cluster; t++)
-		argv[argc++] = psprintf("%s%s", ck_tag_prefix, w->tags[t]);
-	foreach(lc, plan->leaves)
-		if (!b->cluster)
-			argv[argc++] = psprintf("%s%s", ck_tag_prefix, (char *) lfirst(lc));
-	argv[argc++] = w ? "set" : "del";
-	argv[argc++] = w && w->value ? w->value : "";
-	argv[argc++] = ttl;
-	argv[argc++] = psprintf("%d", b->cluster ? 0 : njoin);
-	plan->cmd = ck_send_strings(b, plan->group->str, argc, argv);
-	if (!b->cluster)
-		return;
-	for (int t = 0; t < njoin; t++)
+	for (int t = 0; w != NULL && t < w->ntags; t++)
 	{
 		char	   *set = psprintf("%s%s", ck_tag_prefix, w->tags[t]);
 		const char *join[6] = {"EVALSHA", script_sha[CK_SCRIPT_JOIN], "1", set,
@@ -701,22 +786,85 @@ ck_append_apply(CkBatch *b, CkKeyPlan *plan)
 }
 
 /*
- * Read what ck_append_apply sent for a key. A set that refused its change
- * fails the key's entries; a value written meanwhile is deleted (a miss,
- * never a value its tags do not know). False on a lost connection.
+ * Send the apply script for plans[first..first+count): one call with all
+ * their KEYS and ARGV, each plan told its place in the reply.
+ */
+static void
+ck_append_apply_call(CkBatch *b, CkKeyPlan **plans, int first, int count, int nkeys)
+{
+	const char **argv = palloc(sizeof(char *) * (3 + nkeys + 5 * count));
+	const char **args = palloc(sizeof(char *) * (5 * count));
+	int			nk = 0;
+	int			na = 0;
+	CkCmd	   *cmd;
+
+	argv[0] = "EVALSHA";
+	argv[1] = script_sha[CK_SCRIPT_APPLY];
+	argv[2] = psprintf("%d", nkeys);
+	for (int p = first; p < first + count; p++)
+		ck_apply_args(b, plans[p], argv + 3, &nk, args, &na);
+	memcpy(argv + 3 + nk, args, sizeof(char *) * na);
+	cmd = ck_send_strings(b, plans[first]->group->str, 3 + nk + na, argv);
+	for (int p = first; p < first + count; p++)
+	{
+		plans[p]->cmd = cmd;
+		plans[p]->apply_elem = p - first;
+		plans[p]->apply_count = count;
+		if (b->cluster)
+			ck_append_set_changes(b, plans[p]);
+	}
+	pfree(args);
+	pfree(argv);
+}
+
+/*
+ * Send what applies the keys' final states, in the order of plans: on one
+ * node, calls of up to CK_APPLY_KEYS keys and CK_APPLY_BYTES (one key alone
+ * if "alone"); in a cluster each key alone in its slot, its sets after it.
+ */
+static void
+ck_append_applies(CkBatch *b, CkKeyPlan **plans, int nplans, bool alone)
+{
+	int			max = (alone || b->cluster) ? 1 : CK_APPLY_KEYS;
+
+	for (int first = 0; first < nplans;)
+	{
+		int			count = 0;
+		int			nkeys = 0;
+		Size		bytes = 0;
+
+		while (first + count < nplans && count < max)
+		{
+			int			k;
+			Size		sz;
+
+			ck_apply_size(b, plans[first + count], &k, &sz);
+			if (count > 0 && bytes + sz > CK_APPLY_BYTES)
+				break;
+			nkeys += k;
+			bytes += sz;
+			count++;
+		}
+		ck_append_apply_call(b, plans, first, count, nkeys);
+		first += count;
+	}
+}
+
+/*
+ * A key's outcome (its element of the apply reply): a refusal, of the
+ * script or (cluster) of a set, fails its entries; a value written while a
+ * set refused is deleted (a miss, never a value its tags do not know).
+ * False on a lost connection.
  */
 static bool
-ck_read_apply(CkBatch *b, CkKeyPlan *plan, char **errmsg)
+ck_apply_outcome(CkBatch *b, CkKeyPlan *plan, const CkReply *reply, char **errmsg)
 {
-	CkReply		reply;
 	CkReply		sreply;
 	ListCell   *lc;
 	bool		sets_ok = true;
 
-	if (!ck_recv(b->topo, plan->cmd, &reply, errmsg))
-		return false;
-	if (reply.status != CK_REPLY_OK)
-		ck_fail_group(b->entries, plan->group, &reply);
+	if (reply->status != CK_REPLY_OK)
+		ck_fail_group(b->entries, plan->group, reply);
 	foreach(lc, plan->setcmds)
 	{
 		if (!ck_recv(b->topo, lfirst(lc), &sreply, errmsg))
@@ -727,13 +875,13 @@ ck_read_apply(CkBatch *b, CkKeyPlan *plan, char **errmsg)
 			sets_ok = false;
 		}
 	}
-	if (reply.status == CK_REPLY_OK && !sets_ok && plan->final_write)
+	if (reply->status == CK_REPLY_OK && !sets_ok && plan->final_write)
 	{
 		const char *argv[2] = {"UNLINK", plan->group->str};
 
-		return ck_recv(b->topo, ck_send_strings(b, plan->group->str, 2, argv), &reply, errmsg);
+		return ck_recv(b->topo, ck_send_strings(b, plan->group->str, 2, argv), &sreply, errmsg);
 	}
-	if (reply.status == CK_REPLY_OK && sets_ok)
+	if (reply->status == CK_REPLY_OK && sets_ok)
 	{
 		if (plan->final_write)
 			b->stats->keys_written++;
@@ -741,6 +889,50 @@ ck_read_apply(CkBatch *b, CkKeyPlan *plan, char **errmsg)
 			b->stats->keys_deleted++;
 	}
 	return true;
+}
+
+/*
+ * Read what ck_append_applies sent for plans, in order. A call of several
+ * keys refused as a whole for a reason that may concern one key only (an
+ * ACL key pattern) is sent again key by key, and read, before anything
+ * else goes out: a tag flush after them must come after their writes.
+ * False on a lost connection.
+ */
+static bool
+ck_read_applies(CkBatch *b, CkKeyPlan **plans, int nplans, char **errmsg)
+{
+	CkKeyPlan **again = palloc(sizeof(CkKeyPlan *) * (nplans + 1));
+	int			nagain = 0;
+	CkCmd	   *read = NULL;
+	CkReply		reply;
+
+	for (int p = 0; p < nplans; p++)
+	{
+		CkReply		one;
+
+		if (plans[p]->cmd != read)
+		{
+			if (!ck_recv(b->topo, plans[p]->cmd, &reply, errmsg))
+				return false;
+			read = plans[p]->cmd;
+		}
+		if (reply.status != CK_REPLY_OK && plans[p]->apply_count > 1 &&
+			ck_error_class(reply.error) == CK_ERRCLASS_ENTRY)
+		{
+			again[nagain++] = plans[p];
+			continue;
+		}
+		if (reply.status == CK_REPLY_OK)
+			ck_reply_element(&reply, plans[p]->apply_elem, "1", &one);
+		else
+			one = reply;
+		if (!ck_apply_outcome(b, plans[p], &one, errmsg))
+			return false;
+	}
+	if (nagain == 0)
+		return true;
+	ck_append_applies(b, again, nagain, true);
+	return ck_read_applies(b, again, nagain, errmsg);
 }
 
 /* Send one UNLINK of plans[0..count). */
@@ -948,28 +1140,6 @@ ck_flush_outcome(CkBatch *b, CkFlush *f, const CkReply *reply)
 }
 
 /*
- * One tag's outcome in a flush_begin reply: element i as an integer reply,
- * or as the error that refused the tag.
- */
-static void
-ck_begin_element(const CkReply *arr, int i, CkReply *out)
-{
-	const char *v = (i < arr->nelems) ? arr->elems[i] : NULL;
-
-	memset(out, 0, sizeof(CkReply));
-	if (v != NULL && v[0] >= '0' && v[0] <= '2' && v[1] == '\0')
-	{
-		out->status = CK_REPLY_OK;
-		out->integer = v[0] - '0';
-	}
-	else
-	{
-		out->status = CK_REPLY_ERROR;
-		out->error = pstrdup(v ? v : "ERR unexpected reply to the begin of a tag flush");
-	}
-}
-
-/*
  * One node: read the shared begins. A call refused as a whole for a reason
  * that may concern one tag only (an ACL key pattern) leaves its tags in
  * the begin phase, to be sent alone next; otherwise its tags fail with it.
@@ -996,7 +1166,7 @@ ck_read_begins(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
 			ck_error_class(reply.error) == CK_ERRCLASS_ENTRY)
 			continue;
 		if (reply.status == CK_REPLY_OK)
-			ck_begin_element(&reply, f->begin_elem, &one);
+			ck_reply_element(&reply, f->begin_elem, "012", &one);
 		else
 			one = reply;
 		ck_flush_outcome(b, f, &one);
@@ -1025,7 +1195,7 @@ ck_read_flush_step(CkBatch *b, CkFlush *f, char **errmsg)
 			first = reply;
 	}
 	if (f->phase == CK_FLUSH_BEGIN && first.status == CK_REPLY_OK)
-		ck_begin_element(&reply, 0, &first);
+		ck_reply_element(&reply, 0, "012", &first);
 	ck_flush_outcome(b, f, &first);
 	if (f->failed && f->phase == CK_FLUSH_DELETE)
 		return ck_remove_deleted(b, f, ok, errmsg);
@@ -1073,38 +1243,47 @@ ck_run_flushes(CkBatch *b, CkFlush *flushes, int ntags, char **errmsg)
 /*
  * Deliver pipeline s: plain deletes and key scripts of the keys planned
  * for it first, then the tag flushes of its entries, then refused UNLINK
- * chunks again key by key.
+ * chunks again key by key. Where there are key scripts, their replies are
+ * read before the flushes go out (a call refused as a whole is sent again
+ * key by key, and must still come before them).
  */
 static bool
 ck_deliver_segment(CkBatch *b, int s, char **errmsg)
 {
 	CkKeyPlan **simple = palloc(sizeof(CkKeyPlan *) * (b->nkeys + 1));
+	CkKeyPlan **applied = palloc(sizeof(CkKeyPlan *) * (b->nkeys + 1));
 	int			nsimple = 0;
+	int			napplied = 0;
 	CkChunk    *chunks;
 	int			nchunks;
-	CkFlush    *flushes;
-	int			ntags;
+	CkFlush    *flushes = NULL;
+	int			ntags = 0;
 
 	for (int k = 0; k < b->nkeys; k++)
 		if (b->plans[k].segment == s && b->plans[k].simple)
 			simple[nsimple++] = &b->plans[k];
+	/* the key scripts: writes before deletes (see apply_script on OOM) */
+	for (int k = 0; k < b->nkeys; k++)
+		if (b->plans[k].segment == s && !b->plans[k].simple && b->plans[k].final_write)
+			applied[napplied++] = &b->plans[k];
+	for (int k = 0; k < b->nkeys; k++)
+		if (b->plans[k].segment == s && !b->plans[k].simple && !b->plans[k].final_write)
+			applied[napplied++] = &b->plans[k];
 	nchunks = ck_chunk_unlinks(b, simple, nsimple, &chunks);
 
 	/* round one: plain deletes, key scripts, first step of every flush */
 	for (int c = 0; c < nchunks; c++)
 		chunks[c].cmd = ck_append_unlink(b, &simple[chunks[c].first], chunks[c].count);
-	for (int k = 0; k < b->nkeys; k++)
-		if (b->plans[k].segment == s && !b->plans[k].simple)
-			ck_append_apply(b, &b->plans[k]);
-	flushes = ck_start_flushes(b, s, &ntags);
+	ck_append_applies(b, applied, napplied, false);
+	if (napplied == 0)
+		flushes = ck_start_flushes(b, s, &ntags);
 
 	/* replies, in the same order */
-	if (!ck_read_unlinks(b, simple, chunks, nchunks, errmsg))
+	if (!ck_read_unlinks(b, simple, chunks, nchunks, errmsg) ||
+		!ck_read_applies(b, applied, napplied, errmsg))
 		return false;
-	for (int k = 0; k < b->nkeys; k++)
-		if (b->plans[k].segment == s && !b->plans[k].simple &&
-			!ck_read_apply(b, &b->plans[k], errmsg))
-			return false;
+	if (napplied > 0)
+		flushes = ck_start_flushes(b, s, &ntags);
 
 	/* further rounds: one step of every unfinished flush at a time */
 	if (!ck_run_flushes(b, flushes, ntags, errmsg))
