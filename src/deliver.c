@@ -104,8 +104,8 @@ static const char *flush_drain_script =
  * key: '1', or the text of the error that refused it (the other keys of the
  * call go on); a call of one key answers 1 or that error, as a key's own
  * call did before. The body is one loop without functions: closures and
- * tables made at every call, and a table reply, cost a call of one key (a
- * cluster's) about a fifth more of Redis's CPU (bench/apply_cost.sh).
+ * tables made at every call, and a table reply, made a call of one key (a
+ * cluster's) dearer for Redis than the one-key script before it.
  *
  * A key first joins its sets, then its value is written (or deleted), then
  * it leaves its other sets, each step allowed to fail (redis.pcall): a

@@ -31,7 +31,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 
 our @EXPORT = qw(
-  resp_cmd resp_try resp_pipeline resp_exists resp_all_keys resp_fill
+  resp_cmd resp_try resp_pipeline resp_exists resp_all_keys resp_fill resp_calls
   start_fake_redis stop_fake_redis fake_commands
   start_fault_proxy fault_proxy_rules fault_proxy_log start_monitor monitor_lines
   worker_pid_activity worker_activity wait_worker_busy wait_new_worker
@@ -164,6 +164,11 @@ Sends all commands at once on one connection; returns the list of replies.
 
 EXISTS of exactly these bytes; every key (KEYS *), sorted, as byte strings.
 
+=item resp_calls($redis, $command [, $field])
+
+A counter of a command in INFO commandstats since the last CONFIG
+RESETSTAT: calls (or $field, such as failed_calls); 0 when it never ran.
+
 =item resp_fill($redis, $value, @keys)
 
 SET every key to $value, pipelined.
@@ -188,6 +193,14 @@ sub resp_cmd
 	my $reply = resp_try($r, @args);
 	croak "redis refused $args[0]: " . $reply->message if ref $reply eq 'CachekitFault::Error';
 	return $reply;
+}
+
+sub resp_calls
+{
+	my ($r, $cmd, $field) = @_;
+	$field //= 'calls';
+	my $info = resp_cmd($r, 'INFO', 'commandstats');
+	return $info =~ /^cmdstat_$cmd:.*\b$field=(\d+)/m ? $1 : 0;
 }
 
 sub resp_pipeline

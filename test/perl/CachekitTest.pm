@@ -41,7 +41,7 @@ our @EXPORT = qw(
   start_redis stop_redis restart_redis kill_redis pause_redis resume_redis
   redis_running redis_url
   redis_cmd redis_cmd_stdin redis_try_cmd redis_keys redis_exists
-  new_cachekit_node cachekit_conf
+  new_cachekit_node cachekit_conf acl_cachekit_node
   wait_for wait_for_worker wait_for_redis_connected cachekit_stats
 );
 
@@ -484,6 +484,14 @@ Keys starting with '-' are options, not settings:
 
 The postgresql.conf text new_cachekit_node appends.
 
+=item acl_cachekit_node($name, $redis, $password, \@key_patterns [, %extra_conf])
+
+Sets up the Redis ACL user ck (every command, only the key patterns
+given, such as '~user:*') and a started node whose worker logs in as it,
+retrying after 500 ms at most and never dead-lettering by time
+(cachekit.dead_letter_after 3600s); creates the extension in postgres and
+checks (one test) that the worker runs. Returns the node.
+
 =cut
 
 sub _conf_quote
@@ -513,6 +521,20 @@ sub cachekit_conf
 	push @lines, "$_ = " . _conf_quote($extra{$_})
 	  for sort grep { !/^-/ } keys %extra;
 	return join("\n", '', '# added by CachekitTest', @lines, '');
+}
+
+sub acl_cachekit_node
+{
+	my ($name, $redis, $password, $patterns, %extra) = @_;
+	redis_cmd($redis, 'ACL', 'SETUSER', 'ck', 'on', ">$password", @$patterns, '+@all');
+	my $node = new_cachekit_node($name,
+		'redis://ck:' . $password . '@127.0.0.1:' . $redis->{port} . '/0',
+		'cachekit.retry_max_delay'   => '500ms',
+		'cachekit.dead_letter_after' => '3600s',
+		%extra);
+	$node->safe_psql('postgres', 'CREATE EXTENSION cachekit');
+	Test::More::ok(wait_for_worker($node, 'postgres', 30), 'worker is running');
+	return $node;
 }
 
 sub new_cachekit_node

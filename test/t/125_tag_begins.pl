@@ -27,14 +27,8 @@ use CachekitTest;
 use CachekitFault;
 
 my $redis = start_redis();
-redis_cmd($redis, 'ACL', 'SETUSER', 'ck', 'on', '>ck-begin-pw', '~user:*', '~tag:ok*',
-	'~tag:wrong*', '~cachekit:*', '+@all');
-my $url  = 'redis://ck:ck-begin-pw@127.0.0.1:' . $redis->{port} . '/0';
-my $node = new_cachekit_node('tag_begins', $url,
-	'cachekit.retry_max_delay'   => '500ms',
-	'cachekit.dead_letter_after' => '3600s');
-$node->safe_psql('postgres', 'CREATE EXTENSION cachekit');
-ok(wait_for_worker($node, 'postgres', 30), 'worker is running');
+my $node = acl_cachekit_node('tag_begins', $redis, 'ck-begin-pw',
+	[ '~user:*', '~tag:ok*', '~tag:wrong*', '~cachekit:*' ]);
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 sub queue_depth { return sql('SELECT count(*) FROM cachekit_queue'); }
@@ -108,15 +102,6 @@ sql('DELETE FROM cachekit_queue');
 
 # ---- empty tags: one EXISTS answers for the whole call ---------------------------
 
-# the calls of a command since the last CONFIG RESETSTAT (0 when none)
-sub calls
-{
-	my ($cmd, $field) = @_;
-	$field //= 'calls';
-	my $info = resp_cmd($redis, 'INFO', 'commandstats');
-	return $info =~ /^cmdstat_$cmd:.*\b$field=(\d+)/m ? $1 : 0;
-}
-
 # one transaction of flush entries, one per tag
 sub flush_together
 {
@@ -129,8 +114,8 @@ sub flush_together
 resp_cmd($redis, 'CONFIG', 'RESETSTAT');
 flush_together(map { "okempty$_" } 1 .. 40);
 ok(wait_for(sub { queue_depth() == 0 }, 30), '40 flushes of tags without a set are delivered');
-is(calls('type'), 0, 'no TYPE check ran for them (one EXISTS answered for the call)');
-cmp_ok(calls('exists'), '>=', 1, 'the EXISTS ran');
+is(resp_calls($redis, 'type'), 0, 'no TYPE check ran for them (one EXISTS answered for the call)');
+cmp_ok(resp_calls($redis, 'exists'), '>=', 1, 'the EXISTS ran');
 
 # among empty tags: a tag with members, and one whose set is gone but whose
 # private set an interrupted flush left behind (only the private name
@@ -147,7 +132,7 @@ is(resp_cmd($redis, 'EXISTS', 'user:okleft1', 'user:okleft2', 'cachekit:flushing
 	0, 'the leftover private set of a tag without a set is drained');
 # the two tags with a set take two TYPE checks each, the leftover one: the
 # 40 empty tags none (an EXISTS per pair answered for them)
-cmp_ok(calls('type'), '<=', 5, 'the empty tags among them took no TYPE check');
+cmp_ok(resp_calls($redis, 'type'), '<=', 5, 'the empty tags among them took no TYPE check');
 
 # a worker user whose ACL lacks EXISTS (set up before it was used) still
 # flushes: the TYPE checks answer for every tag
@@ -157,8 +142,8 @@ fill_tags('okg', 3);
 flush_together((map { "okempty$_" } 1 .. 10), map { "okg$_" } 1 .. 3);
 ok(wait_for(sub { queue_depth() == 0 }, 30), 'delivered without EXISTS');
 is(left('okg', 3), 0, 'the tags are flushed without EXISTS');
-cmp_ok(calls('exists', 'rejected_calls'), '>=', 1, 'EXISTS was refused');
-cmp_ok(calls('type'), '>=', 13, 'and the TYPE checks ran instead');
+cmp_ok(resp_calls($redis, 'exists', 'rejected_calls'), '>=', 1, 'EXISTS was refused');
+cmp_ok(resp_calls($redis, 'type'), '>=', 13, 'and the TYPE checks ran instead');
 redis_cmd($redis, 'ACL', 'SETUSER', 'ck', '+exists');
 
 # ---- more tags than one call takes -----------------------------------------------

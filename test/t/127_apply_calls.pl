@@ -32,25 +32,11 @@ use CachekitTest;
 use CachekitFault;
 
 my $redis = start_redis();
-redis_cmd($redis, 'ACL', 'SETUSER', 'ck', 'on', '>ck-apply-pw', '~user:*', '~tag:*',
-	'~cachekit:*', '+@all');
-my $url  = 'redis://ck:ck-apply-pw@127.0.0.1:' . $redis->{port} . '/0';
-my $node = new_cachekit_node('apply_calls', $url,
-	'cachekit.retry_max_delay'   => '500ms',
-	'cachekit.dead_letter_after' => '3600s');
-$node->safe_psql('postgres', 'CREATE EXTENSION cachekit');
-ok(wait_for_worker($node, 'postgres', 30), 'worker is running');
+my $node = acl_cachekit_node('apply_calls', $redis, 'ck-apply-pw',
+	[ '~user:*', '~tag:*', '~cachekit:*' ]);
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 sub queue_depth { return sql('SELECT count(*) FROM cachekit_queue'); }
-
-# the calls of a command since the last CONFIG RESETSTAT (0 when none)
-sub calls
-{
-	my ($cmd) = @_;
-	my $info = resp_cmd($redis, 'INFO', 'commandstats');
-	return $info =~ /^cmdstat_$cmd:.*\bcalls=(\d+)/m ? $1 : 0;
-}
 
 # write-through entries committed together: [key, value, ttl, tag] each
 sub write_together
@@ -84,8 +70,8 @@ resp_cmd($redis, 'CONFIG', 'RESETSTAT');
 write_together(@many);
 ok(wait_for(sub { queue_depth() == 0 }, 30), '250 write-through entries are delivered');
 is(written(@many), 250, 'each key holds its value and is in its tag set');
-cmp_ok(calls('evalsha'), '<=', 3, 'in at most three script calls, not one per key');
-cmp_ok(calls('evalsha'), '>=', 3, 'and no call applied more than 100 keys');
+cmp_ok(resp_calls($redis, 'evalsha'), '<=', 3, 'in at most three script calls, not one per key');
+cmp_ok(resp_calls($redis, 'evalsha'), '>=', 3, 'and no call applied more than 100 keys');
 my $ttl = resp_cmd($redis, 'TTL', 'user:many1');
 ok($ttl > 250 && $ttl <= 300, 'with its ttl');
 
