@@ -1,8 +1,8 @@
 """bench/apply_cost.py -- Redis's CPU per write-through key, three ways side
 by side (run by bench/apply_cost.sh, which starts the Redis it talks to).
 
-  single  cachekit's apply script, one key per call (cachekit before
-          issue 15's batching, and a cluster's way)
+  single  cachekit's apply script as it is now, one key per call (a
+          cluster's way; one node sent one key per call before issue 15)
   batch   the same script, KEYS_PER_CALL keys per call (one node today)
   plain   SET key value EX ttl and SADD set key, pipelined, no script
           (no conditional write: the floor a script is measured against)
