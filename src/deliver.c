@@ -116,8 +116,9 @@ static const char *flush_drain_script =
  * sets it leaves are rare (a row's tag changed, or the row went) and
  * checked by TYPE before the SET, so that a refusal there sends no value
  * either. The changes of the sets before a refusal stay: a set the key
- * joined lists a key without a value (as a reader's may). (Checking every
- * set's type first cost a script call per set and write.)
+ * joined lists a key without a value (as a reader's may). (Checking the
+ * type of every set a key joins first cost a script call per set and
+ * write.)
  *
  * Out of memory, Redis refuses a script's writes only until the script
  * changed something, then lets every write through. So the commands that
@@ -731,6 +732,7 @@ static void
 ck_apply_size(CkBatch *b, CkKeyPlan *plan, int *nkeys, Size *bytes)
 {
 	CkEntry    *w = plan->final_write;
+	ListCell   *lc;
 
 	*nkeys = 1;
 	*bytes = strlen(plan->group->str) + 64;
@@ -741,6 +743,8 @@ ck_apply_size(CkBatch *b, CkKeyPlan *plan, int *nkeys, Size *bytes)
 	*nkeys += (w ? w->ntags : 0) + list_length(plan->leaves);
 	for (int t = 0; w != NULL && t < w->ntags; t++)
 		*bytes += strlen(w->tags[t]);
+	foreach(lc, plan->leaves)
+		*bytes += strlen((char *) lfirst(lc));
 }
 
 /*
@@ -754,14 +758,12 @@ ck_apply_args(CkBatch *b, CkKeyPlan *plan, const char **keys, int *nkeys,
 	CkEntry    *w = plan->final_write;
 	int			njoin = (w != NULL && !b->cluster) ? w->ntags : 0;
 	int			nleave = b->cluster ? 0 : list_length(plan->leaves);
-	ListCell   *lc;
 
 	keys[(*nkeys)++] = plan->group->str;
 	for (int t = 0; t < njoin; t++)
 		keys[(*nkeys)++] = psprintf("%s%s", ck_tag_prefix, w->tags[t]);
-	foreach(lc, plan->leaves)
-		if (!b->cluster)
-			keys[(*nkeys)++] = psprintf("%s%s", ck_tag_prefix, (char *) lfirst(lc));
+	for (int t = 0; t < nleave; t++)
+		keys[(*nkeys)++] = psprintf("%s%s", ck_tag_prefix, (char *) list_nth(plan->leaves, t));
 	args[(*nargs)++] = w ? "set" : "del";
 	args[(*nargs)++] = w && w->value ? w->value : "";
 	args[(*nargs)++] = psprintf("%d", w ? w->ttl : 0);
@@ -1268,12 +1270,11 @@ ck_deliver_segment(CkBatch *b, int s, char **errmsg)
 	CkFlush    *flushes = NULL;
 	int			ntags = 0;
 
+	/* plain deletes; key scripts, writes before deletes (apply_script on OOM) */
 	for (int k = 0; k < b->nkeys; k++)
 		if (b->plans[k].segment == s && b->plans[k].simple)
 			simple[nsimple++] = &b->plans[k];
-	/* the key scripts: writes before deletes (see apply_script on OOM) */
-	for (int k = 0; k < b->nkeys; k++)
-		if (b->plans[k].segment == s && !b->plans[k].simple && b->plans[k].final_write)
+		else if (b->plans[k].segment == s && b->plans[k].final_write)
 			applied[napplied++] = &b->plans[k];
 	for (int k = 0; k < b->nkeys; k++)
 		if (b->plans[k].segment == s && !b->plans[k].simple && !b->plans[k].final_write)
