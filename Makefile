@@ -9,7 +9,7 @@ EXTENSION = cachekit
 EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
 
 MODULE_big = cachekit
-OBJS = src/cachekit.o src/template.o src/trigger.o src/queue.o src/pending.o src/deliver.o src/waiting.o src/worker.o \
+OBJS = src/cachekit.o src/template.o src/rowjson.o src/trigger.o src/queue.o src/pending.o src/deliver.o src/waiting.o src/worker.o \
 	src/url.o src/transport.o src/protocol.o src/topology.o src/cluster.o \
 	src/ddl.o src/preview.o src/replica.o src/launcher.o src/databases.o src/redelete.o src/targets.o
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)

@@ -111,6 +111,90 @@ INSERT INTO typed (id) VALUES (2);
 SELECT q.value::jsonb = to_jsonb(r) AS equal FROM cachekit_queue q, typed r WHERE r.id = 2;
 TRUNCATE cachekit_queue;
 
+-- a row of built-in types is rendered without row_to_json, planned once per
+-- trigger: its text is row_to_json's, byte for byte, under any session settings
+CREATE TABLE plain (
+	id int PRIMARY KEY,
+	s smallint,
+	big bigint,
+	r real,
+	f float8,
+	n numeric(12,3),
+	b boolean,
+	t text,
+	v varchar(8),
+	c char(4),
+	u uuid,
+	d date,
+	ts timestamp,
+	tz timestamptz,
+	j json,
+	jb jsonb,
+	"odd ""name"" ü" text
+);
+CREATE TRIGGER plain_cache AFTER INSERT OR UPDATE ON plain
+	FOR EACH ROW EXECUTE FUNCTION cachekit_write_through('key=plain:{id}');
+CREATE TRIGGER plain_some AFTER INSERT OR UPDATE ON plain
+	FOR EACH ROW EXECUTE FUNCTION cachekit_write_through('key=some:{id}', 'columns=tz,id,odd "name" ü,n');
+INSERT INTO plain VALUES
+	(1, -32768, 9223372036854775807, 'NaN', '-Infinity', 'NaN', true,
+	 E'q" b\\ \n\t\u0001 ü 日本 \u2028', 'ab', 'x', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+	 'infinity', '-infinity', '2024-02-29 12:34:56.789+02', '[1, "a", {"b" : null}]',
+	 '{"b": 2, "a": [1.50, "x"]}', ''),
+	(2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+	 NULL, NULL, NULL),
+	(3, 0, -1, 1.5e-7, 1e300, -0.5, false, '', '', '', '00000000-0000-0000-0000-000000000000',
+	 '4713-01-01 BC', '2000-01-01 00:00:00.000001', '1999-12-31 23:59:59.999999-11:30',
+	 '"str"', 'null', E'tab\there'),
+	(4, 7, 42, 'Infinity', 3.141592653589793, 123456789.125, true, 'plain', 'eight ch',
+	 'ab', 'ffffffff-ffff-ffff-ffff-ffffffffffff', '2024-02-29', 'infinity', '-infinity',
+	 '12', '-0.0', 'z');
+SELECT q.keys, q.value FROM cachekit_queue q ORDER BY q.id;
+CREATE FUNCTION same_as_row_to_json() RETURNS TABLE (rows bigint, same bigint) LANGUAGE sql AS $$
+	SELECT count(*), count(*) FILTER (WHERE q.value = CASE q.keys[1] WHEN 'plain:' || p.id
+		THEN row_to_json(p)::text
+		ELSE (SELECT row_to_json(x)::text FROM (SELECT p.tz, p.id, p."odd ""name"" ü", p.n) x) END)
+	FROM cachekit_queue q JOIN plain p ON q.keys[1] IN ('plain:' || p.id, 'some:' || p.id)
+$$;
+SELECT * FROM same_as_row_to_json();
+TRUNCATE cachekit_queue;
+-- output functions and time zones are the session's at each row
+SET TimeZone = 'Asia/Kolkata';
+SET extra_float_digits = 0;
+SET DateStyle = 'SQL, DMY';
+UPDATE plain SET id = id;
+SELECT * FROM same_as_row_to_json();
+SELECT value FROM cachekit_queue WHERE keys[1] = 'some:3';
+RESET TimeZone;
+RESET extra_float_digits;
+RESET DateStyle;
+TRUNCATE cachekit_queue;
+-- a changed column type changes the plan
+ALTER TABLE plain ALTER COLUMN s TYPE text;
+UPDATE plain SET id = id WHERE id = 4;
+SELECT * FROM same_as_row_to_json();
+SELECT value FROM cachekit_queue WHERE keys[1] = 'plain:4';
+TRUNCATE cachekit_queue;
+-- a column of another type leaves the row to row_to_json: a domain, an
+-- enum with a cast to json, an array
+CREATE DOMAIN small_count AS int CHECK (VALUE >= 0);
+CREATE TYPE mood AS ENUM ('sad', 'happy');
+CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE sql IMMUTABLE
+	AS $$ SELECT json_build_object('mood', $1::text) $$;
+CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood);
+ALTER TABLE plain ADD COLUMN m mood DEFAULT 'happy', ADD COLUMN k small_count DEFAULT 3,
+	ADD COLUMN a int[] DEFAULT '{1,2}';
+UPDATE plain SET id = id WHERE id = 4;
+SELECT value FROM cachekit_queue WHERE keys[1] = 'plain:4';
+SELECT * FROM same_as_row_to_json();
+TRUNCATE cachekit_queue;
+DROP TABLE plain;
+DROP FUNCTION same_as_row_to_json();
+DROP CAST (mood AS json);
+DROP FUNCTION mood_json(mood);
+DROP TYPE mood;
+DROP DOMAIN small_count;
+
 -- a value over cachekit.max_value_bytes (a superuser-only reloadable
 -- setting; the default is 512kB) deletes the key instead, and is counted in
 -- cachekit_stats.values_too_large once delivered (never here: this

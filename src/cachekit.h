@@ -225,6 +225,14 @@ extern char *ck_template_rename(const char *source, const char *oldname,
 extern bool ck_template_render(CkTemplate *tpl, TupleTableSlot *slot,
 							   StringInfo out);
 
+/*---- write-through values (rowjson.c) ----*/
+
+typedef struct CkJsonPlan CkJsonPlan;
+
+extern CkJsonPlan *ck_json_plan(TupleDesc desc);
+extern char *ck_json_render(CkJsonPlan *plan, TupleTableSlot *slot,
+							const AttrNumber *columns);
+
 /*---- trigger functions (trigger.c) ----*/
 
 /* which trigger function a trigger calls */

@@ -55,6 +55,7 @@ typedef struct CkTriggerConfig
 	AttrNumber *columns;
 	bool		columns_listed; /* write-through: columns= given */
 	TupleDesc	value_desc;		/* write-through: blessed row type of the value */
+	CkJsonPlan *json_plan;		/* write-through: its rendering, NULL: row_to_json */
 	List	   *target_names;	/* target= names, each once (NIL: default) */
 	Datum		targets;		/* as the queue's targets column: 0 for default */
 } CkTriggerConfig;
@@ -211,6 +212,7 @@ ck_build_value_desc(Relation rel, CkTriggerConfig *cfg)
 		TupleDescInitEntryCollation(desc, c + 1, att->attcollation);
 	}
 	cfg->value_desc = BlessTupleDesc(desc);
+	cfg->json_plan = ck_json_plan(cfg->value_desc);
 }
 
 /* Split "name=rest" where name is a lowercase word; NULL if no option. */
@@ -1052,11 +1054,15 @@ cachekit_invalidate(PG_FUNCTION_ARGS)
 static char *
 ck_row_json(CkTriggerConfig *cfg, TupleTableSlot *slot)
 {
-	Datum	   *values = palloc(sizeof(Datum) * (cfg->ncolumns + 1));
-	bool	   *nulls = palloc(sizeof(bool) * (cfg->ncolumns + 1));
+	Datum	   *values;
+	bool	   *nulls;
 	HeapTuple	row;
 	Datum		json;
 
+	if (cfg->json_plan)
+		return ck_json_render(cfg->json_plan, slot, cfg->columns);
+	values = palloc(sizeof(Datum) * (cfg->ncolumns + 1));
+	nulls = palloc(sizeof(bool) * (cfg->ncolumns + 1));
 	for (int c = 0; c < cfg->ncolumns; c++)
 		values[c] = slot_getattr(slot, cfg->columns[c], &nulls[c]);
 	row = heap_form_tuple(cfg->value_desc, values, nulls);
