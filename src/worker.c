@@ -837,6 +837,7 @@ ck_copy_entry(TupleTableSlot *slot, CkEntry *e)
 	bool		isnull;
 	Datum		d;
 
+	memset(e, 0, sizeof(CkEntry));	/* not failed, no error, no targets */
 	e->id = DatumGetInt64(ck_col(slot, CK_COL_ID, &isnull));
 	e->kind = DatumGetChar(ck_col(slot, CK_COL_KIND, &isnull));
 	e->nkeys = ck_copy_text_array(ck_col(slot, CK_COL_KEYS, &isnull), &e->keys, &bytes);
@@ -923,6 +924,7 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 	IndexScanDesc scan;
 	ScanKeyData key;
 	CkEntry    *entries;
+	int			allocated = Min(ck_batch_size, 16);
 	int			n = 0;
 	Size		bytes = 0;
 
@@ -934,7 +936,7 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 	scan = index_beginscan(rel, idx, GetActiveSnapshot(), 1, 0);
 	index_rescan(scan, &key, 1, NULL, 0);
 	*last_read = 0;
-	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
+	entries = MemoryContextAlloc(batch_cxt, sizeof(CkEntry) * (allocated + 1));
 	*full = false;
 	while (n < ck_batch_size && fetched < limit &&
 		   index_getnext_slot(scan, ForwardScanDirection, slot))
@@ -943,6 +945,13 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 		bool		isnull;
 		Datum		targets_col;
 		int64		id;
+
+		/* grown as entries come: a pass of one entry sets up no 1000 */
+		if (n == allocated)
+		{
+			allocated = Min(allocated * 2, ck_batch_size);
+			entries = repalloc(entries, sizeof(CkEntry) * (allocated + 1));
+		}
 
 		slot_getallattrs(slot);
 		id = DatumGetInt64(ck_col(slot, CK_COL_ID, &isnull));
@@ -963,6 +972,7 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 		}
 		CHECK_FOR_INTERRUPTS();
 	}
+	memset(&entries[n], 0, sizeof(CkEntry));	/* an empty entry ends the array */
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
 	index_close(idx, NoLock);
