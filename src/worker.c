@@ -924,7 +924,6 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 	IndexScanDesc scan;
 	ScanKeyData key;
 	CkEntry    *entries;
-	int			allocated = Min(ck_batch_size, 16);
 	int			n = 0;
 	Size		bytes = 0;
 
@@ -936,7 +935,8 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 	scan = index_beginscan(rel, idx, GetActiveSnapshot(), 1, 0);
 	index_rescan(scan, &key, 1, NULL, 0);
 	*last_read = 0;
-	entries = MemoryContextAlloc(batch_cxt, sizeof(CkEntry) * (allocated + 1));
+	/* not zeroed: a pass of one entry clears one, not 1000 (ck_copy_entry) */
+	entries = MemoryContextAlloc(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
 	*full = false;
 	while (n < ck_batch_size && fetched < limit &&
 		   index_getnext_slot(scan, ForwardScanDirection, slot))
@@ -945,13 +945,6 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 		bool		isnull;
 		Datum		targets_col;
 		int64		id;
-
-		/* grown as entries come: a pass of one entry sets up no 1000 */
-		if (n == allocated)
-		{
-			allocated = Min(allocated * 2, ck_batch_size);
-			entries = repalloc(entries, sizeof(CkEntry) * (allocated + 1));
-		}
 
 		slot_getallattrs(slot);
 		id = DatumGetInt64(ck_col(slot, CK_COL_ID, &isnull));
