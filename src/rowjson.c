@@ -101,7 +101,7 @@ ck_json_plan(TupleDesc desc)
 		CkJsonColumn *col = &plan->columns[a];
 		StringInfoData prefix;
 
-		if (att->attisdropped || !ck_json_kind(att->atttypid, &col->kind))
+		if (!ck_json_kind(att->atttypid, &col->kind))
 		{
 			pfree(plan);
 			return NULL;
