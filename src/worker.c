@@ -837,7 +837,6 @@ ck_copy_entry(TupleTableSlot *slot, CkEntry *e)
 	bool		isnull;
 	Datum		d;
 
-	memset(e, 0, sizeof(CkEntry));	/* not failed, no error, no targets */
 	e->id = DatumGetInt64(ck_col(slot, CK_COL_ID, &isnull));
 	e->kind = DatumGetChar(ck_col(slot, CK_COL_KIND, &isnull));
 	e->nkeys = ck_copy_text_array(ck_col(slot, CK_COL_KEYS, &isnull), &e->keys, &bytes);
@@ -935,8 +934,7 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 	scan = index_beginscan(rel, idx, GetActiveSnapshot(), 1, 0);
 	index_rescan(scan, &key, 1, NULL, 0);
 	*last_read = 0;
-	/* not zeroed: a pass of one entry clears one, not 1000 (ck_copy_entry) */
-	entries = MemoryContextAlloc(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
+	entries = MemoryContextAllocZero(batch_cxt, sizeof(CkEntry) * (ck_batch_size + 1));
 	*full = false;
 	while (n < ck_batch_size && fetched < limit &&
 		   index_getnext_slot(scan, ForwardScanDirection, slot))
@@ -965,7 +963,6 @@ ck_read_batch(MemoryContext batch_cxt, CkEntry **entries_out, bool *full, int64 
 		}
 		CHECK_FOR_INTERRUPTS();
 	}
-	memset(&entries[n], 0, sizeof(CkEntry));	/* an empty entry ends the array */
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
 	index_close(idx, NoLock);
